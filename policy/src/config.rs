@@ -1,0 +1,400 @@
+//! The engine's configuration file.
+//!
+//! Every section and key has a default, so an empty file is a valid
+//! configuration. Unknown keys are rejected so that a misspelt setting is an
+//! error rather than a silent default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::duration::ConfigDuration;
+use crate::{Category, Lane, TlsMode};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the spool, sockets, logs and keys.
+    pub state_dir: PathBuf,
+    /// The host name used in greetings, EHLO, Received headers and DSNs.
+    pub hostname: String,
+    /// How recipients appear in the delivery log, audit log and metrics.
+    pub recipient_logging: RecipientLogging,
+    /// The unprivileged user that `serve` switches to after opening its
+    /// sockets when started as root. `None` means refuse to run as root.
+    pub user: Option<String>,
+    pub ingress: IngressConfig,
+    pub lanes: LanesConfig,
+    pub delivery: DeliveryConfig,
+    pub dns: DnsConfig,
+    pub tls: TlsConfig,
+    pub spool: SpoolConfig,
+    /// Per-destination rules, tried most specific first.
+    #[serde(rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from("/var/lib/caduceus"),
+            hostname: default_hostname(),
+            recipient_logging: RecipientLogging::Hmac,
+            user: None,
+            ingress: IngressConfig::default(),
+            lanes: LanesConfig::default(),
+            delivery: DeliveryConfig::default(),
+            dns: DnsConfig::default(),
+            tls: TlsConfig::default(),
+            spool: SpoolConfig::default(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Config {
+    /// The control socket, always `<state_dir>/run/control.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.join("run").join("control.sock")
+    }
+
+    /// The submission socket of a lane.
+    pub fn lane_socket(&self, lane: Lane) -> PathBuf {
+        let lane_config = self.lanes.get(lane);
+        match &lane_config.socket {
+            Some(path) => path.clone(),
+            None => self
+                .state_dir
+                .join("run")
+                .join(format!("{}.sock", lane.as_str())),
+        }
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.state_dir.join("log")
+    }
+
+    /// Resolves relative paths against the directory of the config file.
+    pub fn resolve_relative_paths(&mut self, config_dir: &Path) {
+        if self.state_dir.is_relative() {
+            self.state_dir = config_dir.join(&self.state_dir);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientLogging {
+    /// Recipient addresses in the clear.
+    Clear,
+    /// HMAC-SHA-256 of the normalised address under the site key.
+    Hmac,
+}
+
+/// Limits of the SMTP server on the submission sockets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// The largest message accepted, in bytes, as advertised with SIZE.
+    pub max_message_size_bytes: u64,
+    /// Recipients accepted per transaction; more get `452 4.5.3`.
+    pub max_recipients: u32,
+    /// The longest command or text line, CRLF included. RFC 5321 §4.5.3.1
+    /// sets 512 octets for commands and 1000 for text lines as minimums.
+    pub max_line_length_bytes: u32,
+    /// How long the server waits for the next command.
+    pub command_timeout: ConfigDuration,
+    /// How long the server waits for the next chunk of DATA.
+    pub data_timeout: ConfigDuration,
+    /// The most `Received:` headers a message may carry before it is
+    /// rejected as a loop (RFC 5321 §6.3 asks for at least 100).
+    pub max_received_headers: u32,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            max_message_size_bytes: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            max_line_length_bytes: 1000,
+            command_timeout: ConfigDuration::from_secs(300),
+            data_timeout: ConfigDuration::from_secs(600),
+            max_received_headers: 100,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LanesConfig {
+    pub transactional: LaneConfig,
+    pub bulk: LaneConfig,
+}
+
+impl Default for LanesConfig {
+    fn default() -> Self {
+        LanesConfig {
+            transactional: LaneConfig::default_for(Lane::Transactional),
+            bulk: LaneConfig::default_for(Lane::Bulk),
+        }
+    }
+}
+
+impl LanesConfig {
+    pub fn get(&self, lane: Lane) -> &LaneConfig {
+        match lane {
+            Lane::Transactional => &self.transactional,
+            Lane::Bulk => &self.bulk,
+        }
+    }
+}
+
+/// One lane: its cores, its socket and its delivery defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    /// CPU ids whose executors serve this lane. Empty means the default
+    /// allocation: on 2 or more CPUs, CPU 0 serves transactional mail and the
+    /// rest serve bulk; on 1 CPU both lanes share it.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// Submission socket; default `<state_dir>/run/<lane>.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket file, as an octal string such as "0660".
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// Owner and group of the socket file, by name or numeric id.
+    #[serde(default)]
+    pub socket_owner: Option<String>,
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// When either list is non-empty, only peers whose uid or gid (from
+    /// SO_PEERCRED) is listed may submit; others get `554 5.7.1`.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    /// The category of a message that names none.
+    pub default_category: Category,
+    /// Source addresses for outbound connections; empty means the kernel's
+    /// choice.
+    #[serde(default)]
+    pub source_addresses: Vec<IpAddr>,
+    /// EHLO name for this lane's connections; default `hostname`.
+    #[serde(default)]
+    pub helo_name: Option<String>,
+    /// The longest a message stays queued before it bounces as expired.
+    pub max_queue_lifetime: ConfigDuration,
+    /// Delays between attempts; the last one repeats until expiry. Each
+    /// delay gets up to 20% random jitter.
+    pub retry_schedule: Vec<ConfigDuration>,
+}
+
+fn default_socket_mode() -> String {
+    "0660".to_string()
+}
+
+impl LaneConfig {
+    pub fn default_for(lane: Lane) -> LaneConfig {
+        let (default_category, lifetime_secs, schedule_secs): (Category, u64, &[u64]) = match lane
+        {
+            Lane::Transactional => (
+                Category::Transactional,
+                86_400,
+                &[10, 30, 60, 300, 900, 1800, 3600],
+            ),
+            Lane::Bulk => (
+                Category::Marketing,
+                5 * 86_400,
+                &[300, 900, 1800, 3600, 7200, 14_400],
+            ),
+        };
+        LaneConfig {
+            cores: Vec::new(),
+            socket: None,
+            socket_mode: default_socket_mode(),
+            socket_owner: None,
+            socket_group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            default_category,
+            source_addresses: Vec::new(),
+            helo_name: None,
+            max_queue_lifetime: ConfigDuration::from_secs(lifetime_secs),
+            retry_schedule: schedule_secs
+                .iter()
+                .map(|secs| ConfigDuration::from_secs(*secs))
+                .collect(),
+        }
+    }
+}
+
+/// Outbound SMTP client settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// TCP port of MX hosts. Only tests change it.
+    pub smtp_port: u16,
+    pub connect_timeout: ConfigDuration,
+    /// Wait for the 220 greeting (RFC 5321 §4.5.3.2.1: 5 minutes).
+    pub greeting_timeout: ConfigDuration,
+    /// Wait for replies to EHLO, MAIL, RCPT and the DATA command.
+    pub command_timeout: ConfigDuration,
+    /// Wait for the reply to the final dot (RFC 5321 §4.5.3.2.6: 10 minutes).
+    pub data_done_timeout: ConfigDuration,
+    /// Concurrent connections per destination per core.
+    pub max_connections_per_destination: u32,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: u32,
+    /// How long an unused pooled connection stays open.
+    pub idle_timeout: ConfigDuration,
+    /// Concurrent deliveries per core, all destinations together.
+    pub max_concurrent_deliveries: u32,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            smtp_port: 25,
+            connect_timeout: ConfigDuration::from_secs(30),
+            greeting_timeout: ConfigDuration::from_secs(300),
+            command_timeout: ConfigDuration::from_secs(300),
+            data_done_timeout: ConfigDuration::from_secs(600),
+            max_connections_per_destination: 10,
+            max_messages_per_connection: 100,
+            idle_timeout: ConfigDuration::from_secs(30),
+            max_concurrent_deliveries: 256,
+        }
+    }
+}
+
+/// The stub resolver.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers as `ip` or `ip:port`; empty means those in
+    /// /etc/resolv.conf.
+    pub nameservers: Vec<String>,
+    /// Wait for one answer from one nameserver.
+    pub timeout: ConfigDuration,
+    /// Rounds over the nameserver list before a lookup fails temporarily.
+    pub attempts: u32,
+    /// Upper bound on cached TTLs.
+    pub max_cache_ttl: ConfigDuration,
+    /// How long NXDOMAIN and NODATA answers are cached when the SOA gives no
+    /// shorter time (RFC 2308 §5).
+    pub negative_cache_ttl: ConfigDuration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: ConfigDuration::from_secs(5),
+            attempts: 2,
+            max_cache_ttl: ConfigDuration::from_secs(3600),
+            negative_cache_ttl: ConfigDuration::from_secs(300),
+        }
+    }
+}
+
+/// TLS for outbound delivery.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The mode for destinations that no rule covers.
+    pub default_mode: TlsMode,
+    /// Extra trust anchors (PEM) for `verified` mode, added to the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Resume TLS sessions with tickets or ids cached per core.
+    pub session_resumption: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            default_mode: TlsMode::Opportunistic,
+            ca_file: None,
+            session_resumption: true,
+        }
+    }
+}
+
+/// The on-disk queue.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Size of each preallocated segment file.
+    pub segment_size_bytes: u64,
+    /// The longest an append waits for its group commit to start.
+    pub commit_max_wait: ConfigDuration,
+    /// Appends that start a commit at once when this many are waiting.
+    pub commit_max_batch: u32,
+    /// Seal message content at rest. Turning it off is for benchmarks.
+    pub encryption: bool,
+    /// The key file (mode 0600); default `<state_dir>/keys/spool.key`,
+    /// created on first start. `CADUCEUS_SPOOL_KEY` (hex) overrides it.
+    pub key_file: Option<PathBuf>,
+    /// Free space kept on the spool's filesystem; below it, ingress answers
+    /// `452 4.3.1`.
+    pub reserve_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            segment_size_bytes: 64 * 1024 * 1024,
+            commit_max_wait: ConfigDuration::from_micros(500),
+            commit_max_batch: 256,
+            encryption: true,
+            key_file: None,
+            reserve_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// One per-destination rule. A rule matches by exactly one of `domain`
+/// (`example.com` exactly, or `*.example.com` for every subdomain) and
+/// `mx` (a host name pattern matched against the destination's MX hosts).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub domain: Option<String>,
+    pub mx: Option<String>,
+    pub tls: Option<TlsMode>,
+    /// Send to this `host:port` instead of looking up MX records.
+    pub route: Option<String>,
+    /// Messages per second, and the burst above it.
+    pub rate: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub max_messages_per_connection: Option<u32>,
+    pub retry_schedule: Option<Vec<ConfigDuration>>,
+    pub max_queue_lifetime: Option<ConfigDuration>,
+    /// Hold deliveries to this destination until released.
+    pub hold: Option<bool>,
+    /// Category forced on mail from this sender domain.
+    pub sender_category: Option<Category>,
+}
+
+/// A parsed `route` value.
+pub fn parse_route(route: &str) -> Result<SocketAddr, String> {
+    route
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("invalid route {route:?}: expected IP:PORT such as 127.0.0.1:2525"))
+}
