@@ -138,11 +138,71 @@ impl Default for IngressConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Both lanes. Each key left out of a `[lanes.NAME]` table keeps that lane's
+/// own default from [`LaneConfig::default_for`], so a table that sets only
+/// `cores` is valid.
+#[derive(Clone, Debug)]
 pub struct LanesConfig {
     pub transactional: LaneConfig,
     pub bulk: LaneConfig,
+}
+
+impl<'de> Deserialize<'de> for LanesConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Default, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct LanesOverrides {
+            transactional: LaneOverrides,
+            bulk: LaneOverrides,
+        }
+        let overrides = LanesOverrides::deserialize(deserializer)?;
+        Ok(LanesConfig {
+            transactional: overrides
+                .transactional
+                .apply(LaneConfig::default_for(Lane::Transactional)),
+            bulk: overrides.bulk.apply(LaneConfig::default_for(Lane::Bulk)),
+        })
+    }
+}
+
+/// The keys of one `[lanes.NAME]` table as written, before the lane's
+/// defaults fill in the rest. The names match [`LaneConfig`].
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LaneOverrides {
+    cores: Option<Vec<usize>>,
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    socket_owner: Option<String>,
+    socket_group: Option<String>,
+    allowed_uids: Option<Vec<u32>>,
+    allowed_gids: Option<Vec<u32>>,
+    default_category: Option<Category>,
+    source_addresses: Option<Vec<IpAddr>>,
+    helo_name: Option<String>,
+    max_queue_lifetime: Option<ConfigDuration>,
+    retry_schedule: Option<Vec<ConfigDuration>>,
+}
+
+impl LaneOverrides {
+    fn apply(self, defaults: LaneConfig) -> LaneConfig {
+        LaneConfig {
+            cores: self.cores.unwrap_or(defaults.cores),
+            socket: self.socket.or(defaults.socket),
+            socket_mode: self.socket_mode.unwrap_or(defaults.socket_mode),
+            socket_owner: self.socket_owner.or(defaults.socket_owner),
+            socket_group: self.socket_group.or(defaults.socket_group),
+            allowed_uids: self.allowed_uids.unwrap_or(defaults.allowed_uids),
+            allowed_gids: self.allowed_gids.unwrap_or(defaults.allowed_gids),
+            default_category: self.default_category.unwrap_or(defaults.default_category),
+            source_addresses: self.source_addresses.unwrap_or(defaults.source_addresses),
+            helo_name: self.helo_name.or(defaults.helo_name),
+            max_queue_lifetime: self
+                .max_queue_lifetime
+                .unwrap_or(defaults.max_queue_lifetime),
+            retry_schedule: self.retry_schedule.unwrap_or(defaults.retry_schedule),
+        }
+    }
 }
 
 impl Default for LanesConfig {
@@ -210,9 +270,33 @@ fn default_socket_mode() -> String {
 }
 
 impl LaneConfig {
-    pub fn default_for(lane: Lane) -> LaneConfig {
-        let (default_category, lifetime_secs, schedule_secs): (Category, u64, &[u64]) = match lane
+    /// Parses `socket_mode`: three or four octal digits, such as "0660" or
+    /// "660", at most 0777. The error names the value and the fix.
+    pub fn socket_mode_bits(&self) -> Result<u32, String> {
+        let text = self.socket_mode.as_str();
+        let invalid = || {
+            format!(
+                "{text:?} is not an octal file mode; write three or four octal digits such as \"0660\""
+            )
+        };
+        if !(3..=4).contains(&text.len())
+            || !text.bytes().all(|digit| (b'0'..=b'7').contains(&digit))
         {
+            return Err(invalid());
+        }
+        let bits = u32::from_str_radix(text, 8).map_err(|_| invalid())?;
+        if bits > 0o777 {
+            return Err(format!(
+                "{text:?} sets setuid, setgid or sticky bits, which mean nothing on a socket; use permission bits only, such as \"0660\""
+            ));
+        }
+        Ok(bits)
+    }
+}
+
+impl LaneConfig {
+    pub fn default_for(lane: Lane) -> LaneConfig {
+        let (default_category, lifetime_secs, schedule_secs): (Category, u64, &[u64]) = match lane {
             Lane::Transactional => (
                 Category::Transactional,
                 86_400,
@@ -392,7 +476,25 @@ pub struct RuleConfig {
     pub sender_category: Option<Category>,
 }
 
-/// A parsed `route` value.
+impl RuleConfig {
+    /// Returns whether the rule sets anything about delivery, as opposed to
+    /// only `sender_category`. A rule that only sets a sender category stays out
+    /// of the recipient table, so it never hides a wildcard rule above it.
+    pub fn has_delivery_settings(&self) -> bool {
+        self.tls.is_some()
+            || self.route.is_some()
+            || self.rate.is_some()
+            || self.burst.is_some()
+            || self.max_connections.is_some()
+            || self.max_messages_per_connection.is_some()
+            || self.retry_schedule.is_some()
+            || self.max_queue_lifetime.is_some()
+            || self.hold.is_some()
+    }
+}
+
+/// Parses a `route` value written as an IP address and port. Validation and
+/// [`crate::Route::parse`] also accept a host name in place of the address.
 pub fn parse_route(route: &str) -> Result<SocketAddr, String> {
     route
         .parse::<SocketAddr>()

@@ -35,7 +35,7 @@ impl fmt::Display for ConfigDuration {
             (1, "us"),
         ];
         for (size, suffix) in units {
-            if micros >= size && micros % size == 0 {
+            if micros >= size && micros.is_multiple_of(size) {
                 return write!(f, "{}{}", micros / size, suffix);
             }
         }
@@ -72,10 +72,34 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_duration(&text)
-            .map(ConfigDuration)
-            .map_err(serde::de::Error::custom)
+        deserializer.deserialize_any(DurationVisitor)
+    }
+}
+
+struct DurationVisitor;
+
+impl serde::de::Visitor<'_> for DurationVisitor {
+    type Value = ConfigDuration;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration string such as \"30s\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ConfigDuration, E> {
+        parse_duration(text).map(ConfigDuration).map_err(E::custom)
+    }
+
+    // A bare number is the likeliest mistake, so name the fix for it.
+    fn visit_i64<E: serde::de::Error>(self, number: i64) -> Result<ConfigDuration, E> {
+        Err(E::custom(format!(
+            "invalid duration {number}: a duration needs a unit, so write a string such as \"{number}s\" or \"{number}ms\""
+        )))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, number: u64) -> Result<ConfigDuration, E> {
+        Err(E::custom(format!(
+            "invalid duration {number}: a duration needs a unit, so write a string such as \"{number}s\" or \"{number}ms\""
+        )))
     }
 }
 

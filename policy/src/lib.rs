@@ -10,4 +10,20 @@ pub mod config;
 pub mod duration;
 mod vocabulary;
 
+mod address;
+mod compiled;
+mod domain;
+mod error;
+mod explain;
+mod load;
+mod site_key;
+mod suffix_table;
+mod validate;
+
+pub use address::{AddressError, normalise_address};
+pub use compiled::{DEFAULT_RULE_ID, EffectiveRule, Policy, Route};
+pub use domain::{DomainError, normalise_domain};
+pub use error::{ConfigError, Location};
+pub use load::{load_config, parse_config};
+pub use site_key::{SiteKey, SiteKeyError};
 pub use vocabulary::{Category, Lane, TlsMode};

@@ -1,0 +1,341 @@
+//! The compiled, read-only form of the per-destination rules.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::config::{Config, RuleConfig};
+use crate::domain::{DomainPattern, normalise_domain};
+use crate::error::ConfigError;
+use crate::suffix_table::{SuffixTable, TableEntry};
+use crate::validate::{CheckedRule, Matcher, check_config};
+use crate::{Category, Lane, TlsMode};
+
+/// The `rule_id` of the settings that apply when no rule matches.
+pub const DEFAULT_RULE_ID: u32 = u32::MAX;
+
+/// A fixed next hop that replaces the MX hosts of the recipient domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    Addr(SocketAddr),
+    /// A host name in lowercase A-label form, resolved by A and AAAA lookups
+    /// (not MX) at delivery time.
+    Host {
+        host: String,
+        port: u16,
+    },
+}
+
+impl Route {
+    /// Parses `host:port`, `ip:port` or `[ipv6]:port`. The port is required
+    /// and must not be 0.
+    pub fn parse(text: &str) -> Result<Route, String> {
+        let invalid = |reason: &str| {
+            format!(
+                "invalid route {text:?}: {reason}; write HOST:PORT such as \"relay.example.net:25\", \"192.0.2.25:2525\" or \"[2001:db8::25]:25\""
+            )
+        };
+        let (host, port_text) = if let Some(rest) = text.strip_prefix('[') {
+            let (address, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| invalid("an IPv6 address in brackets must be followed by :PORT"))?;
+            let address: Ipv6Addr = address
+                .parse()
+                .map_err(|_| invalid("the text in brackets is not an IPv6 address"))?;
+            (HostPart::Ip(IpAddr::V6(address)), port)
+        } else {
+            let (host, port) = text
+                .rsplit_once(':')
+                .ok_or_else(|| invalid("the port is missing"))?;
+            if host.contains(':') {
+                return Err(invalid("put an IPv6 address in brackets"));
+            }
+            match host.parse::<IpAddr>() {
+                Ok(address) => (HostPart::Ip(address), port),
+                Err(_) => {
+                    let host =
+                        normalise_domain(host).map_err(|error| invalid(&error.to_string()))?;
+                    (HostPart::Name(host), port)
+                }
+            }
+        };
+        let port = port_text
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| invalid("the port must be a number from 1 to 65535"))?;
+        Ok(match host {
+            HostPart::Ip(address) => Route::Addr(SocketAddr::new(address, port)),
+            HostPart::Name(host) => Route::Host { host, port },
+        })
+    }
+}
+
+enum HostPart {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Addr(address) => write!(f, "{address}"),
+            Route::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// The delivery settings for one destination in one lane, with every default
+/// already merged in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EffectiveRule {
+    /// Index of the `[[rule]]` in the config, from 0; [`DEFAULT_RULE_ID`]
+    /// when no rule matched. Destinations that share a rule id share its
+    /// throttle, which is how an `mx` rule groups every domain hosted there.
+    pub rule_id: u32,
+    pub tls: TlsMode,
+    /// `None` means deliver to the MX hosts of the recipient domain.
+    pub route: Option<Route>,
+    /// Messages per second; `None` means unlimited.
+    pub rate_per_sec: Option<f64>,
+    /// Messages the token bucket holds; 0 when `rate_per_sec` is `None`.
+    pub burst: u32,
+    /// Concurrent connections per destination per core.
+    pub max_connections: u32,
+    pub max_messages_per_connection: u32,
+    /// Delays between attempts; the last one repeats until expiry. Never
+    /// empty and never zero.
+    pub retry_schedule: Box<[Duration]>,
+    pub max_queue_lifetime: Duration,
+    /// Deliveries wait until an operator releases them.
+    pub hold: bool,
+}
+
+/// A compiled rule's description, kept for `explain`.
+#[derive(Clone, Debug)]
+pub(crate) struct RuleSource {
+    pub config: RuleConfig,
+    pub matcher: Matcher,
+}
+
+/// The compiled delivery policy.
+///
+/// `Policy` is immutable once built: the engine shares it behind an `Arc`
+/// and replaces the whole value on reload. Every lookup returns a reference
+/// into tables built by [`Policy::compile`], so the hot path allocates
+/// nothing and takes no locks.
+///
+/// A domain rule takes precedence over an MX rule: the engine calls
+/// [`Policy::for_mx_host`] only when [`Policy::for_domain`] returns the
+/// defaults (`rule_id == DEFAULT_RULE_ID`).
+// TODO: `caduceus policy compile` is meant to write these tables as an rkyv
+// archive that the engine memory-maps at start. The tables are flat vectors
+// of integers and bytes for that reason, but no archive format exists yet,
+// so every start and reload compiles from the TOML rules.
+#[derive(Debug)]
+pub struct Policy {
+    recipient_domains: SuffixTable,
+    mx_hosts: SuffixTable,
+    sender_domains: SuffixTable,
+    /// `(rules.len() + 1) * 2` entries: rule `i` in lane `l` is at
+    /// `i * 2 + l`, and the defaults take the last two.
+    effective: Vec<EffectiveRule>,
+    pub(crate) sources: Vec<RuleSource>,
+}
+
+fn lane_slot(rule_index: usize, lane: Lane) -> usize {
+    rule_index * Lane::ALL.len() + lane as usize
+}
+
+/// Removes one trailing dot, which names from DNS answers may carry.
+fn without_root_dot(name: &str) -> &[u8] {
+    name.strip_suffix('.').unwrap_or(name).as_bytes()
+}
+
+impl Policy {
+    /// Validates `config` and compiles its rules and defaults.
+    ///
+    /// This does not check that the lanes' CPU ids exist, because a policy
+    /// may be compiled on another machine; [`crate::load_config`] does.
+    /// Errors carry no line numbers, because a `Config` does not keep its
+    /// source text. They name the key instead.
+    pub fn compile(config: &Config) -> Result<Policy, ConfigError> {
+        let checked = check_config(config, None).map_err(|issues| {
+            let first = &issues[0];
+            ConfigError::invalid(
+                "configuration",
+                None,
+                first.path.to_string(),
+                first.message.clone(),
+            )
+        })?;
+
+        let mut effective = Vec::with_capacity((checked.len() + 1) * Lane::ALL.len());
+        for (index, (rule, checked_rule)) in config.rules.iter().zip(&checked).enumerate() {
+            // `check_config` caps the rule count far below u32::MAX.
+            let rule_id = index as u32;
+            for lane in Lane::ALL {
+                effective.push(merge(config, lane, rule_id, Some((rule, checked_rule))));
+            }
+        }
+        for lane in Lane::ALL {
+            effective.push(merge(config, lane, DEFAULT_RULE_ID, None));
+        }
+
+        let duplicate = |(first, second): (u32, u32)| {
+            ConfigError::invalid(
+                "configuration",
+                None,
+                format!("rule[{second}]"),
+                format!("matches the same names as rule[{first}]; merge the two rules into one"),
+            )
+        };
+        let domain_entries = |include: fn(&RuleConfig) -> bool| {
+            config
+                .rules
+                .iter()
+                .zip(&checked)
+                .enumerate()
+                .filter(move |(_, (rule, _))| include(rule))
+                .filter_map(|(index, (_, checked_rule))| match &checked_rule.matcher {
+                    Matcher::Domain(pattern) => Some(entry(pattern, index)),
+                    Matcher::MxHost(_) => None,
+                })
+        };
+        let recipient_domains = SuffixTable::build(domain_entries(|rule| {
+            rule.has_delivery_settings() || rule.sender_category.is_none()
+        }))
+        .map_err(duplicate)?;
+        let sender_domains =
+            SuffixTable::build(domain_entries(|rule| rule.sender_category.is_some()))
+                .map_err(duplicate)?;
+        let mx_hosts = SuffixTable::build(checked.iter().enumerate().filter_map(
+            |(index, checked_rule)| match &checked_rule.matcher {
+                Matcher::MxHost(pattern) => Some(entry(pattern, index)),
+                Matcher::Domain(_) => None,
+            },
+        ))
+        .map_err(duplicate)?;
+
+        let sources = config
+            .rules
+            .iter()
+            .zip(checked)
+            .map(|(rule, checked_rule)| RuleSource {
+                config: rule.clone(),
+                matcher: checked_rule.matcher,
+            })
+            .collect();
+        Ok(Policy {
+            recipient_domains,
+            mx_hosts,
+            sender_domains,
+            effective,
+            sources,
+        })
+    }
+
+    /// Returns the settings for a recipient domain in `lane`: those of the
+    /// longest matching domain rule, or the defaults.
+    ///
+    /// `domain` must already be a lowercase A-label, as
+    /// [`crate::normalise_domain`] returns; other forms match no rule.
+    pub fn for_domain(&self, domain: &str, lane: Lane) -> &EffectiveRule {
+        match self.recipient_domains.lookup(without_root_dot(domain)) {
+            Some(rule_index) => &self.effective[lane_slot(rule_index as usize, lane)],
+            None => self.defaults(lane),
+        }
+    }
+
+    /// Returns the settings of the longest `mx` rule that matches an MX host
+    /// name, in lowercase A-label form with or without the trailing dot.
+    pub fn for_mx_host(&self, host: &str, lane: Lane) -> Option<&EffectiveRule> {
+        self.mx_hosts
+            .lookup(without_root_dot(host))
+            .map(|rule_index| &self.effective[lane_slot(rule_index as usize, lane)])
+    }
+
+    /// Returns the settings used when no rule matches.
+    pub fn defaults(&self, lane: Lane) -> &EffectiveRule {
+        &self.effective[lane_slot(self.sources.len(), lane)]
+    }
+
+    /// Returns the category forced on mail from `sender_domain` (a lowercase
+    /// A-label), if a rule with `sender_category` matches it.
+    pub fn sender_category(&self, sender_domain: &str) -> Option<Category> {
+        let rule_index = self
+            .sender_domains
+            .lookup(without_root_dot(sender_domain))?;
+        self.sources[rule_index as usize].config.sender_category
+    }
+
+    /// Returns the number of `[[rule]]` entries compiled.
+    pub fn rule_count(&self) -> usize {
+        self.sources.len()
+    }
+
+    pub(crate) fn sender_rule(&self, sender_domain: &str) -> Option<u32> {
+        self.sender_domains.lookup(without_root_dot(sender_domain))
+    }
+}
+
+fn entry(pattern: &DomainPattern, index: usize) -> TableEntry<'_> {
+    TableEntry {
+        name: &pattern.name,
+        wildcard: pattern.wildcard,
+        rule_index: index as u32,
+    }
+}
+
+/// Merges a rule's overrides with the lane and delivery defaults.
+fn merge(
+    config: &Config,
+    lane: Lane,
+    rule_id: u32,
+    rule: Option<(&RuleConfig, &CheckedRule)>,
+) -> EffectiveRule {
+    let lane_config = config.lanes.get(lane);
+    let lane_schedule = || {
+        lane_config
+            .retry_schedule
+            .iter()
+            .map(|delay| delay.get())
+            .collect()
+    };
+    let Some((rule, checked)) = rule else {
+        return EffectiveRule {
+            rule_id,
+            tls: config.tls.default_mode,
+            route: None,
+            rate_per_sec: None,
+            burst: 0,
+            max_connections: config.delivery.max_connections_per_destination,
+            max_messages_per_connection: config.delivery.max_messages_per_connection,
+            retry_schedule: lane_schedule(),
+            max_queue_lifetime: lane_config.max_queue_lifetime.get(),
+            hold: false,
+        };
+    };
+    EffectiveRule {
+        rule_id,
+        tls: rule.tls.unwrap_or(config.tls.default_mode),
+        route: checked.route.clone(),
+        rate_per_sec: rule.rate,
+        burst: checked.burst,
+        max_connections: rule
+            .max_connections
+            .unwrap_or(config.delivery.max_connections_per_destination),
+        max_messages_per_connection: rule
+            .max_messages_per_connection
+            .unwrap_or(config.delivery.max_messages_per_connection),
+        retry_schedule: match &rule.retry_schedule {
+            Some(schedule) => schedule.iter().map(|delay| delay.get()).collect(),
+            None => lane_schedule(),
+        },
+        max_queue_lifetime: rule
+            .max_queue_lifetime
+            .unwrap_or(lane_config.max_queue_lifetime)
+            .get(),
+        hold: rule.hold.unwrap_or(false),
+    }
+}

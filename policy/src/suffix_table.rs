@@ -1,0 +1,269 @@
+//! A read-only table from domain suffixes to rule indexes.
+//!
+//! Each stored name is keyed by a 64-bit FNV-1a hash of its bytes taken from
+//! the last byte to the first. Hashing in that order lets a lookup hash every
+//! label-aligned suffix of the query in one right-to-left pass. When the pass
+//! reaches the first byte of a label, the running hash is already the hash of
+//! the suffix that starts there. A hit is confirmed by comparing the
+//! stored bytes, so a hash collision costs one comparison and never a wrong
+//! match.
+//!
+//! The table is flat (a slot array and one byte arena of names, both indexed
+//! by `u32`) so that it can later be archived with rkyv and memory-mapped.
+
+/// Marks an empty `exact` or `wildcard` field of a slot.
+pub(crate) const NO_RULE: u32 = u32::MAX;
+
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    hash: u64,
+    name_offset: u32,
+    /// Zero marks an empty slot; stored names are never empty.
+    name_length: u32,
+    /// The rule for the name itself.
+    exact: u32,
+    /// The rule for every name below this one (`*.name`).
+    wildcard: u32,
+}
+
+const EMPTY_SLOT: Slot = Slot {
+    hash: 0,
+    name_offset: 0,
+    name_length: 0,
+    exact: NO_RULE,
+    wildcard: NO_RULE,
+};
+
+/// Patterns compiled into a lookup table; see the module documentation.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SuffixTable {
+    /// Open addressing with linear probing. The length is zero or a power of
+    /// two at least twice the number of names, so probes stay short and
+    /// always reach an empty slot.
+    slots: Vec<Slot>,
+    names: Vec<u8>,
+}
+
+fn hash_step(hash: u64, byte: u8) -> u64 {
+    (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+}
+
+fn hash_reversed(name: &[u8]) -> u64 {
+    name.iter()
+        .rev()
+        .fold(FNV_OFFSET_BASIS, |hash, byte| hash_step(hash, *byte))
+}
+
+/// A name and whether the pattern is `*.name`, in the order rules appear.
+pub(crate) struct TableEntry<'a> {
+    pub name: &'a str,
+    pub wildcard: bool,
+    pub rule_index: u32,
+}
+
+impl SuffixTable {
+    /// Builds the table. Returns the two rule indexes of the first duplicate
+    /// pattern found, which validation has normally rejected already.
+    pub fn build<'a>(
+        entries: impl IntoIterator<Item = TableEntry<'a>>,
+    ) -> Result<SuffixTable, (u32, u32)> {
+        let entries: Vec<TableEntry<'a>> = entries.into_iter().collect();
+        let capacity = if entries.is_empty() {
+            0
+        } else {
+            (entries.len() * 2).next_power_of_two()
+        };
+        let mut table = SuffixTable {
+            slots: vec![EMPTY_SLOT; capacity],
+            names: Vec::new(),
+        };
+        for entry in entries {
+            let index = table.insert_name(entry.name.as_bytes());
+            let slot = &mut table.slots[index];
+            let field = if entry.wildcard {
+                &mut slot.wildcard
+            } else {
+                &mut slot.exact
+            };
+            if *field != NO_RULE {
+                return Err((*field, entry.rule_index));
+            }
+            *field = entry.rule_index;
+        }
+        Ok(table)
+    }
+
+    /// Returns the slot index for `name`, adding the name if it is new.
+    fn insert_name(&mut self, name: &[u8]) -> usize {
+        let hash = hash_reversed(name);
+        if let Some(index) = self.find(hash, name) {
+            return index;
+        }
+        let mask = self.slots.len() - 1;
+        // The capacity is at least twice the entry count, so an empty slot
+        // exists and this loop ends.
+        let mut index = hash as usize & mask;
+        while self.slots[index].name_length != 0 {
+            index = (index + 1) & mask;
+        }
+        let name_offset = u32::try_from(self.names.len())
+            .expect("the names arena stays under 4 GiB because compile caps the rule count");
+        self.names.extend_from_slice(name);
+        self.slots[index] = Slot {
+            hash,
+            name_offset,
+            // Domain names are at most 253 octets, checked at validation.
+            name_length: name.len() as u32,
+            exact: NO_RULE,
+            wildcard: NO_RULE,
+        };
+        index
+    }
+
+    fn find(&self, hash: u64, name: &[u8]) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut index = hash as usize & mask;
+        loop {
+            let slot = &self.slots[index];
+            if slot.name_length == 0 {
+                return None;
+            }
+            if slot.hash == hash && self.slot_name(slot) == name {
+                return Some(index);
+            }
+            index = (index + 1) & mask;
+        }
+    }
+
+    fn slot_name(&self, slot: &Slot) -> &[u8] {
+        let start = slot.name_offset as usize;
+        &self.names[start..start + slot.name_length as usize]
+    }
+
+    /// Returns the rule of the longest pattern that matches `name`: an exact
+    /// pattern for `name` itself, else the wildcard of its nearest ancestor.
+    /// Allocates nothing and takes no locks.
+    ///
+    /// `name` is expected to be a valid lowercase A-label name. A name with
+    /// an empty first label never matches; other malformed names may match
+    /// by their well-formed suffix.
+    pub fn lookup(&self, name: &[u8]) -> Option<u32> {
+        if self.slots.is_empty() || name.is_empty() || name[0] == b'.' {
+            return None;
+        }
+        let mut hash = FNV_OFFSET_BASIS;
+        let mut best = None;
+        // Walk from the last byte to the second. Whenever the byte before
+        // position `i` is a dot, `name[i..]` is a proper label-aligned suffix
+        // and `hash` is its hash. Later hits are longer suffixes, so each
+        // overrides the one before.
+        for i in (1..name.len()).rev() {
+            hash = hash_step(hash, name[i]);
+            if name[i - 1] == b'.'
+                && let Some(index) = self.find(hash, &name[i..])
+            {
+                let wildcard = self.slots[index].wildcard;
+                if wildcard != NO_RULE {
+                    best = Some(wildcard);
+                }
+            }
+        }
+        hash = hash_step(hash, name[0]);
+        if let Some(index) = self.find(hash, name) {
+            let exact = self.slots[index].exact;
+            if exact != NO_RULE {
+                return Some(exact);
+            }
+        }
+        best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(patterns: &[&str]) -> SuffixTable {
+        SuffixTable::build(patterns.iter().enumerate().map(|(index, pattern)| {
+            let (wildcard, name) = match pattern.strip_prefix("*.") {
+                Some(name) => (true, name),
+                None => (false, *pattern),
+            };
+            TableEntry {
+                name,
+                wildcard,
+                rule_index: index as u32,
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn lookup_prefers_longest_pattern() {
+        let table = table(&["*.example", "*.a.example", "b.a.example", "example"]);
+        assert_eq!(table.lookup(b"example"), Some(3));
+        assert_eq!(table.lookup(b"z.example"), Some(0));
+        assert_eq!(table.lookup(b"a.example"), Some(0));
+        assert_eq!(table.lookup(b"x.a.example"), Some(1));
+        assert_eq!(table.lookup(b"y.x.a.example"), Some(1));
+        assert_eq!(table.lookup(b"b.a.example"), Some(2));
+        assert_eq!(table.lookup(b"c.b.a.example"), Some(1));
+        assert_eq!(table.lookup(b"other"), None);
+        assert_eq!(table.lookup(b"xexample"), None);
+        assert_eq!(table.lookup(b""), None);
+        assert_eq!(table.lookup(b"."), None);
+        assert_eq!(table.lookup(b".example"), None);
+    }
+
+    #[test]
+    fn hash_collision_is_not_a_match() {
+        let table = table(&["example.com"]);
+        let stored_hash = hash_reversed(b"example.com");
+        assert!(table.find(stored_hash, b"example.com").is_some());
+        assert!(table.find(stored_hash, b"exbmple.com").is_none());
+    }
+
+    #[test]
+    fn empty_table_matches_nothing() {
+        let table = table(&[]);
+        assert_eq!(table.lookup(b"example.com"), None);
+    }
+
+    #[test]
+    fn build_reports_duplicates() {
+        let entries = ["example", "*.example", "example"].map(|name| (name, false));
+        let result = SuffixTable::build(entries.iter().enumerate().map(|(index, (name, _))| {
+            let (wildcard, name) = match name.strip_prefix("*.") {
+                Some(name) => (true, name),
+                None => (false, *name),
+            };
+            TableEntry {
+                name,
+                wildcard,
+                rule_index: index as u32,
+            }
+        }));
+        assert_eq!(result.err(), Some((0, 2)));
+    }
+
+    #[test]
+    fn many_names_all_found() {
+        let names: Vec<String> = (0..1000).map(|n| format!("host{n}.example")).collect();
+        let table = SuffixTable::build(names.iter().enumerate().map(|(index, name)| TableEntry {
+            name,
+            wildcard: false,
+            rule_index: index as u32,
+        }))
+        .unwrap();
+        for (index, name) in names.iter().enumerate() {
+            assert_eq!(table.lookup(name.as_bytes()), Some(index as u32));
+        }
+        assert_eq!(table.lookup(b"host1000.example"), None);
+    }
+}
