@@ -1,0 +1,841 @@
+//! One core's spool shard: appends, group commit, reads, reclamation and
+//! recovery.
+//!
+//! A shard is used from several tasks of one glommio executor, so its state
+//! lives in `Cell`/`RefCell` behind an `Rc`. No borrow is held across an
+//! `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::future::poll_fn;
+use std::os::unix::fs::DirBuilderExt;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ring::aead::NONCE_LEN;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::error::{AppendError, CommitError, ReadError, SpoolError};
+use crate::format::{
+    BuildError, OpenError, OutcomeRecord, RecordBuilder, RecordKind, SEGMENT_HEADER_BYTES, Sealing,
+    SegmentHeader, UncheckedRecord, decode_message,
+};
+use crate::storage::{FileStorage, Segment, Storage};
+use crate::{
+    CommitSeq, Envelope, Keyring, Outcome, RecordRef, RecoveredMessage, RecoveryReport,
+    SpoolOptions, StoredMessage,
+};
+
+mod recovery;
+
+/// Counters for `caduceus spool stats` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStats {
+    pub segments: u32,
+    /// Preallocated size of all segment files.
+    pub bytes_on_disk: u64,
+    /// Messages not yet released.
+    pub live_records: u64,
+    /// Bytes used in the active segment, header included.
+    pub active_segment_used_bytes: u64,
+}
+
+pub(crate) struct SegmentEntry<G> {
+    pub(crate) segment: Rc<G>,
+    /// Records lie below this offset; appends go at it.
+    pub(crate) write_offset: u64,
+    /// Live messages whose message or outcome records are in this segment.
+    pub(crate) pins: u32,
+    /// Damaged records were found here; the file is kept for an operator.
+    pub(crate) quarantined: bool,
+}
+
+pub(crate) struct LiveMessage {
+    pub(crate) recipients: u32,
+    /// Segments other than the message's own that hold its outcome records.
+    pub(crate) outcome_segments: Vec<u32>,
+}
+
+#[derive(Default)]
+struct CommitState {
+    /// The sequence number of the latest append.
+    appended: u64,
+    /// The latest sequence number covered by a started sync.
+    sync_started: u64,
+    /// The latest sequence number covered by a completed sync.
+    synced: u64,
+    failed: Option<CommitError>,
+    /// Segments written since the last sync started.
+    dirty: Vec<u32>,
+    waiters: Vec<Waker>,
+    committer: Option<Waker>,
+    closing: bool,
+    committer_done: bool,
+}
+
+impl CommitState {
+    fn pending(&self) -> u64 {
+        self.appended - self.sync_started
+    }
+
+    fn wake_waiters(&mut self) {
+        for waker in self.waiters.drain(..) {
+            waker.wake();
+        }
+    }
+
+    fn wake_committer(&mut self) {
+        if let Some(waker) = self.committer.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The per-open nonce source: 4 fixed bytes (the shard number and 2 random
+/// bytes) and a 64-bit counter seeded at random. Every sealed record takes
+/// the next counter value, so nonces never repeat within an open, and the
+/// random seed makes a repeat across opens under the same key negligible.
+/// NOTE: AES-GCM keys should still be rotated before about 2^32 records.
+struct NonceSource {
+    prefix: [u8; 4],
+    counter: Cell<u64>,
+}
+
+impl NonceSource {
+    fn new(shard: u16) -> Result<NonceSource, SpoolError> {
+        let mut seed = [0u8; 10];
+        SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| SpoolError::Io {
+                operation: "seeding the nonce counter",
+                path: Default::default(),
+                source: std::io::Error::other("the OS random number generator failed"),
+            })?;
+        let shard = shard.to_le_bytes();
+        let mut counter = [0u8; 8];
+        counter.copy_from_slice(&seed[2..]);
+        Ok(NonceSource {
+            prefix: [shard[0], shard[1], seed[0], seed[1]],
+            counter: Cell::new(u64::from_le_bytes(counter)),
+        })
+    }
+
+    fn next(&self) -> [u8; NONCE_LEN] {
+        let value = self.counter.get().wrapping_add(1);
+        self.counter.set(value);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[..4].copy_from_slice(&self.prefix);
+        nonce[4..].copy_from_slice(&value.to_le_bytes());
+        nonce
+    }
+}
+
+pub(crate) struct Inner<S: Storage> {
+    storage: S,
+    shard: u16,
+    segment_size_bytes: u64,
+    commit_max_wait: Duration,
+    commit_max_batch: u32,
+    reserve_bytes: u64,
+    keyring: Option<Keyring>,
+    nonces: NonceSource,
+    builder: RefCell<RecordBuilder>,
+    segments: RefCell<BTreeMap<u32, SegmentEntry<S::Segment>>>,
+    active: Cell<Option<u32>>,
+    standby: RefCell<Option<(u32, Rc<S::Segment>)>>,
+    next_segment: Cell<u32>,
+    live: RefCell<HashMap<RecordRef, LiveMessage>>,
+    commit: RefCell<CommitState>,
+    free_bytes: Cell<u64>,
+}
+
+/// One core's spool shard.
+pub struct Shard<S: Storage = FileStorage> {
+    inner: Rc<Inner<S>>,
+}
+
+impl<S: Storage> Drop for Shard<S> {
+    fn drop(&mut self) {
+        // Let the committer sync what is pending and exit.
+        let mut commit = self.inner.commit.borrow_mut();
+        commit.closing = true;
+        commit.wake_committer();
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as u64)
+}
+
+impl Shard<FileStorage> {
+    /// Opens (creating the directory if needed) and recovers this shard's
+    /// segments. Must be called inside a glommio executor; spawns the
+    /// committer task.
+    pub async fn open(
+        options: SpoolOptions,
+    ) -> Result<(Rc<Shard>, Vec<RecoveredMessage>, RecoveryReport), SpoolError> {
+        // The spool contains message data, so the directory is private to the
+        // engine's user.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&options.dir)
+            .map_err(|source| SpoolError::Io {
+                operation: "creating the spool directory",
+                path: options.dir.clone(),
+                source,
+            })?;
+        let storage = FileStorage::new(&options.dir, options.shard);
+        Shard::open_with_storage(options, storage).await
+    }
+}
+
+impl<S: Storage + 'static> Shard<S> {
+    /// Opens a shard over any storage; [`Shard::open`] uses segment files in
+    /// `options.dir`, tests use [`crate::sim::SimStorage`]. `options.dir` is
+    /// only used by `open`.
+    pub async fn open_with_storage(
+        options: SpoolOptions,
+        storage: S,
+    ) -> Result<(Rc<Shard<S>>, Vec<RecoveredMessage>, RecoveryReport), SpoolError> {
+        let minimum_segment_bytes = 2 * SEGMENT_HEADER_BYTES as u64;
+        if options.segment_size_bytes < minimum_segment_bytes
+            || !options.segment_size_bytes.is_multiple_of(4096)
+        {
+            return Err(SpoolError::InvalidOptions(format!(
+                "segment_size_bytes {} must be a multiple of 4096 and at least 4096",
+                options.segment_size_bytes
+            )));
+        }
+        let recovered =
+            recovery::recover(&storage, options.shard, options.keyring.as_ref()).await?;
+        let free_bytes = storage.free_bytes().unwrap_or(u64::MAX);
+        let inner = Rc::new(Inner {
+            storage,
+            shard: options.shard,
+            segment_size_bytes: options.segment_size_bytes,
+            commit_max_wait: options.commit_max_wait,
+            commit_max_batch: options.commit_max_batch.max(1),
+            reserve_bytes: options.reserve_bytes,
+            keyring: options.keyring,
+            nonces: NonceSource::new(options.shard)?,
+            builder: RefCell::new(RecordBuilder::default()),
+            segments: RefCell::new(recovered.segments),
+            active: Cell::new(None),
+            standby: RefCell::new(None),
+            next_segment: Cell::new(recovered.next_segment),
+            live: RefCell::new(recovered.live),
+            commit: RefCell::new(CommitState::default()),
+            free_bytes: Cell::new(free_bytes),
+        });
+        glommio::spawn_local(run_committer(inner.clone())).detach();
+        let shard = Rc::new(Shard { inner });
+        Ok((shard, recovered.messages, recovered.report))
+    }
+
+    /// Appends a message record. It is not durable until
+    /// [`Shard::durable`] resolves for the returned sequence number, and the
+    /// engine must not acknowledge the message before that.
+    pub fn append_message(
+        &self,
+        envelope: &Envelope,
+        body: &[u8],
+    ) -> Result<(RecordRef, CommitSeq), AppendError> {
+        let inner = &self.inner;
+        self.check_open()?;
+        let recipients = u32::try_from(envelope.recipients.len())
+            .map_err(|_| AppendError::InvalidEnvelope("too many recipients".into()))?;
+        if recipients == 0 {
+            return Err(AppendError::InvalidEnvelope(
+                "a message needs at least one recipient".into(),
+            ));
+        }
+        let mut builder = inner.builder.borrow_mut();
+        let sealing = self.sealing();
+        let bytes = builder
+            .message(envelope, body, sealing)
+            .map_err(|error| match error {
+                BuildError::TooLarge { record_bytes } => AppendError::TooLarge {
+                    record_bytes,
+                    max_record_bytes: self.max_record_bytes(),
+                },
+                BuildError::InvalidEnvelope(reason) => AppendError::InvalidEnvelope(reason),
+            })?;
+        let record = self.write_record(bytes)?;
+        drop(builder);
+
+        inner.live.borrow_mut().insert(
+            record,
+            LiveMessage {
+                recipients,
+                outcome_segments: Vec::new(),
+            },
+        );
+        self.pin(record.segment);
+        Ok((record, self.note_append(record.segment)))
+    }
+
+    /// Appends a per-recipient outcome record for a live message of this
+    /// shard; `attempts` counts the delivery attempts made so far.
+    pub fn append_outcome(
+        &self,
+        message: RecordRef,
+        recipient_index: u32,
+        outcome: Outcome,
+        attempts: u32,
+    ) -> Result<CommitSeq, AppendError> {
+        let inner = &self.inner;
+        self.check_open()?;
+        let recipients = match inner.live.borrow().get(&message) {
+            Some(live) => live.recipients,
+            None => return Err(AppendError::UnknownMessage(message)),
+        };
+        if recipient_index >= recipients {
+            return Err(AppendError::NoSuchRecipient {
+                record: message,
+                index: recipient_index,
+                recipients,
+            });
+        }
+        let record = OutcomeRecord {
+            message,
+            recipient_index,
+            outcome,
+            attempts,
+        };
+        let mut builder = inner.builder.borrow_mut();
+        let bytes = builder.outcome(&record, self.sealing());
+        let location = self.write_record(bytes)?;
+        drop(builder);
+
+        let segment = location.segment;
+        let newly_pinned = {
+            let mut live = inner.live.borrow_mut();
+            // Checked above, and nothing between can release it because this
+            // runs without yielding.
+            let entry = live.get_mut(&message).expect("message checked live above");
+            if segment != message.segment && !entry.outcome_segments.contains(&segment) {
+                entry.outcome_segments.push(segment);
+                true
+            } else {
+                false
+            }
+        };
+        if newly_pinned {
+            self.pin(segment);
+        }
+        Ok(self.note_append(segment))
+    }
+
+    /// Resolves when a completed fdatasync covers `seq`.
+    ///
+    /// Returns an error if that sync failed or the shard closed first; see
+    /// [`CommitError`] for what a failure means for the data.
+    pub async fn durable(&self, seq: CommitSeq) -> Result<(), CommitError> {
+        wait_durable(&self.inner, seq.0).await
+    }
+
+    /// Reads a message record back and decrypts it.
+    pub fn read_message(&self, record: RecordRef) -> Result<StoredMessage, ReadError> {
+        let inner = &self.inner;
+        let segments = inner.segments.borrow();
+        let entry = segments.get(&record.segment).ok_or(ReadError::NoSegment {
+            segment: record.segment,
+        })?;
+        let invalid = |reason: String| ReadError::Invalid { record, reason };
+        if record.offset < SEGMENT_HEADER_BYTES as u64 || record.offset >= entry.write_offset {
+            return Err(invalid(format!(
+                "offset is outside the segment's records, which end at {}",
+                entry.write_offset
+            )));
+        }
+        let length = entry.write_offset - record.offset;
+        entry.segment.read(record.offset, length, |bytes| {
+            let checked = UncheckedRecord(bytes)
+                .check()
+                .map_err(|error| invalid(error.to_string()))?;
+            if checked.header.kind != RecordKind::Message {
+                return Err(ReadError::NotMessage { record });
+            }
+            let plain = checked
+                .open(inner.keyring.as_ref())
+                .map_err(|error| open_error(record, error))?;
+            let (envelope, body) = decode_message(&checked.header, &plain).map_err(invalid)?;
+            Ok(StoredMessage { envelope, body })
+        })
+    }
+
+    /// Marks a message as finished: every recipient is final and its final
+    /// outcomes are durable. A segment that no live message needs any more
+    /// and that is not the active one is deleted.
+    ///
+    /// TODO: compact segments kept alive by a few long-deferred messages by
+    /// copying those messages forward. This needs an API that gives the
+    /// engine the new record reference of each relocated message.
+    pub fn release(&self, record: RecordRef) {
+        let inner = &self.inner;
+        let Some(live) = inner.live.borrow_mut().remove(&record) else {
+            tracing::warn!(shard = inner.shard, %record, "spool: release of a message that is not live; ignored");
+            return;
+        };
+        self.unpin(record.segment);
+        for segment in live.outcome_segments {
+            self.unpin(segment);
+        }
+    }
+
+    /// Syncs everything appended so far and stops the committer. Appends are
+    /// rejected afterwards.
+    pub async fn close(&self) -> Result<(), CommitError> {
+        let inner = &self.inner;
+        {
+            let mut commit = inner.commit.borrow_mut();
+            commit.closing = true;
+            commit.wake_committer();
+        }
+        poll_fn(|context| {
+            let mut commit = inner.commit.borrow_mut();
+            if commit.committer_done {
+                return Poll::Ready(match &commit.failed {
+                    Some(error) => Err(error.clone()),
+                    None => Ok(()),
+                });
+            }
+            commit.waiters.push(context.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Returns segment, byte and live-message counts.
+    pub fn stats(&self) -> ShardStats {
+        let inner = &self.inner;
+        let segments = inner.segments.borrow();
+        let active_segment_used_bytes = inner
+            .active
+            .get()
+            .and_then(|id| segments.get(&id))
+            .map_or(0, |entry| entry.write_offset);
+        ShardStats {
+            segments: segments.len() as u32,
+            bytes_on_disk: segments
+                .values()
+                .map(|entry| entry.segment.len_bytes())
+                .sum(),
+            live_records: inner.live.borrow().len() as u64,
+            active_segment_used_bytes,
+        }
+    }
+
+    /// Returns `Err(DiskReserve)` when free disk space, as of the last sync,
+    /// is below the reserve. The engine checks this at MAIL or RCPT so it can
+    /// reply 452 4.3.1 before accepting data.
+    pub fn check_reserve(&self) -> Result<(), AppendError> {
+        let free_bytes = self.inner.free_bytes.get();
+        if free_bytes < self.inner.reserve_bytes {
+            return Err(AppendError::DiskReserve {
+                free_bytes,
+                reserve_bytes: self.inner.reserve_bytes,
+                segment_size_bytes: self.inner.segment_size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns the size of the largest record a segment can contain.
+    pub fn max_record_bytes(&self) -> u64 {
+        self.inner.segment_size_bytes - SEGMENT_HEADER_BYTES as u64
+    }
+
+    fn check_open(&self) -> Result<(), AppendError> {
+        let commit = self.inner.commit.borrow();
+        if commit.closing {
+            return Err(AppendError::Closed);
+        }
+        if let Some(CommitError::SyncFailed { segment, .. }) = &commit.failed {
+            return Err(AppendError::SegmentFailed { segment: *segment });
+        }
+        Ok(())
+    }
+
+    fn sealing(&self) -> Sealing<'_> {
+        match &self.inner.keyring {
+            None => Sealing::Clear,
+            Some(keyring) => {
+                let (key_id, key) = keyring.active_key();
+                Sealing::Sealed {
+                    key_id,
+                    key,
+                    nonce: self.inner.nonces.next(),
+                }
+            }
+        }
+    }
+
+    /// Copies a built record into the active segment, rolling over to a new
+    /// segment when it does not fit.
+    fn write_record(&self, bytes: &[u8]) -> Result<RecordRef, AppendError> {
+        let inner = &self.inner;
+        let length = bytes.len() as u64;
+        if length > self.max_record_bytes() {
+            return Err(AppendError::TooLarge {
+                record_bytes: length,
+                max_record_bytes: self.max_record_bytes(),
+            });
+        }
+        let fits = |segments: &BTreeMap<u32, SegmentEntry<S::Segment>>, id: u32| {
+            segments
+                .get(&id)
+                .is_some_and(|entry| entry.write_offset + length <= entry.segment.len_bytes())
+        };
+        let active = match inner.active.get() {
+            Some(id) if fits(&inner.segments.borrow(), id) => id,
+            _ => self.roll_over()?,
+        };
+        let mut segments = inner.segments.borrow_mut();
+        // `roll_over` inserted the active segment, and segments are only
+        // removed when they are not active.
+        let entry = segments
+            .get_mut(&active)
+            .expect("active segment is in the map");
+        let offset = entry.write_offset;
+        entry.segment.write(offset, bytes);
+        entry.write_offset += length;
+        Ok(RecordRef {
+            segment: active,
+            offset,
+        })
+    }
+
+    /// Makes a new segment active, taking the standby segment if the
+    /// committer prepared one.
+    fn roll_over(&self) -> Result<u32, AppendError> {
+        let inner = &self.inner;
+        let (id, segment) = match inner.standby.borrow_mut().take() {
+            Some(standby) => standby,
+            None => create_segment(inner)?,
+        };
+        let previous = inner.active.replace(Some(id));
+        inner.segments.borrow_mut().insert(
+            id,
+            SegmentEntry {
+                segment,
+                write_offset: SEGMENT_HEADER_BYTES as u64,
+                pins: 0,
+                quarantined: false,
+            },
+        );
+        tracing::info!(
+            shard = inner.shard,
+            segment = id,
+            "spool: new active segment"
+        );
+        if let Some(previous) = previous {
+            self.remove_if_unused(previous);
+        }
+        Ok(id)
+    }
+
+    fn note_dirty(&self, segment: u32) {
+        let mut commit = self.inner.commit.borrow_mut();
+        if !commit.dirty.contains(&segment) {
+            commit.dirty.push(segment);
+        }
+    }
+
+    fn note_append(&self, segment: u32) -> CommitSeq {
+        self.note_dirty(segment);
+        let mut commit = self.inner.commit.borrow_mut();
+        commit.appended += 1;
+        commit.wake_committer();
+        CommitSeq(commit.appended)
+    }
+
+    fn pin(&self, segment: u32) {
+        if let Some(entry) = self.inner.segments.borrow_mut().get_mut(&segment) {
+            entry.pins += 1;
+        }
+    }
+
+    fn unpin(&self, segment: u32) {
+        if let Some(entry) = self.inner.segments.borrow_mut().get_mut(&segment) {
+            // A pin is taken for every reference counted here, so it cannot
+            // underflow unless the bookkeeping is broken.
+            assert!(
+                entry.pins > 0,
+                "spool: segment {segment} unpinned more often than pinned"
+            );
+            entry.pins -= 1;
+        }
+        self.remove_if_unused(segment);
+    }
+
+    fn remove_if_unused(&self, segment: u32) {
+        remove_if_unused(&self.inner, segment);
+    }
+}
+
+pub(crate) fn remove_if_unused<S: Storage>(inner: &Inner<S>, segment: u32) {
+    if inner.active.get() == Some(segment) {
+        return;
+    }
+    let mut segments = inner.segments.borrow_mut();
+    let unused = segments
+        .get(&segment)
+        .is_some_and(|entry| entry.pins == 0 && !entry.quarantined);
+    if !unused {
+        return;
+    }
+    segments.remove(&segment);
+    drop(segments);
+    match inner.storage.remove(segment) {
+        Ok(()) => tracing::info!(
+            shard = inner.shard,
+            segment,
+            "spool: deleted segment with no live messages"
+        ),
+        Err(error) => tracing::error!(
+            shard = inner.shard,
+            segment,
+            path = %inner.storage.describe(segment),
+            %error,
+            "spool: deleting an unused segment failed; it will be deleted at the next open"
+        ),
+    }
+}
+
+fn open_error(record: RecordRef, error: OpenError) -> ReadError {
+    match error {
+        OpenError::NoKeyring => ReadError::NoKeyring { record },
+        OpenError::MissingKey(key_id) => ReadError::MissingKey { record, key_id },
+        OpenError::Unauthentic => ReadError::Unauthentic { record },
+        OpenError::Invalid(reason) => ReadError::Invalid { record, reason },
+    }
+}
+
+/// Creates the next segment file with its header, after checking the disk
+/// reserve.
+fn create_segment<S: Storage>(inner: &Inner<S>) -> Result<(u32, Rc<S::Segment>), AppendError> {
+    let free_bytes = inner
+        .storage
+        .free_bytes()
+        .map_err(|source| AppendError::Io {
+            operation: "checking free disk space",
+            source,
+        })?;
+    inner.free_bytes.set(free_bytes);
+    if free_bytes < inner.reserve_bytes.saturating_add(inner.segment_size_bytes) {
+        return Err(AppendError::DiskReserve {
+            free_bytes,
+            reserve_bytes: inner.reserve_bytes,
+            segment_size_bytes: inner.segment_size_bytes,
+        });
+    }
+    let id = inner.next_segment.get();
+    let next = id.checked_add(1).ok_or_else(|| AppendError::Io {
+        operation: "choosing a segment id",
+        source: std::io::Error::other(
+            "segment ids are exhausted; move the spool aside and restart",
+        ),
+    })?;
+    let header = SegmentHeader {
+        shard: inner.shard,
+        segment: id,
+        size_bytes: inner.segment_size_bytes,
+        created_at_us: now_us(),
+    };
+    let segment = inner
+        .storage
+        .create(id, inner.segment_size_bytes, &header.encode())
+        .map_err(|source| {
+            tracing::error!(
+                shard = inner.shard,
+                segment = id,
+                path = %inner.storage.describe(id),
+                error = %source,
+                "spool: creating a segment failed; check free space and that the file system supports fallocate"
+            );
+            AppendError::Io {
+                operation: "creating a segment",
+                source,
+            }
+        })?;
+    inner.next_segment.set(next);
+    Ok((id, Rc::new(segment)))
+}
+
+async fn wait_durable<S: Storage>(inner: &Inner<S>, seq: u64) -> Result<(), CommitError> {
+    poll_fn(|context| {
+        let mut commit = inner.commit.borrow_mut();
+        if commit.synced >= seq {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(error) = &commit.failed {
+            return Poll::Ready(Err(error.clone()));
+        }
+        if commit.committer_done {
+            return Poll::Ready(Err(CommitError::Closed));
+        }
+        commit.waiters.push(context.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// Runs the group commit loop: one fdatasync per dirty segment covers every
+/// append made before it started.
+async fn run_committer<S: Storage>(inner: Rc<Inner<S>>) {
+    loop {
+        // Sleep until there is something to sync or the shard closes.
+        poll_fn(|context| {
+            let mut commit = inner.commit.borrow_mut();
+            if commit.pending() > 0 || commit.closing {
+                return Poll::Ready(());
+            }
+            commit.committer = Some(context.waker().clone());
+            Poll::Pending
+        })
+        .await;
+
+        let (closing, pending, failed) = {
+            let commit = inner.commit.borrow();
+            (commit.closing, commit.pending(), commit.failed.is_some())
+        };
+        if failed || (closing && pending == 0) {
+            if closing {
+                break;
+            }
+            // After a failed sync no append is accepted, so wait for close.
+            inner.commit.borrow_mut().committer = None;
+            poll_fn(|context| {
+                let mut commit = inner.commit.borrow_mut();
+                if commit.closing {
+                    return Poll::Ready(());
+                }
+                commit.committer = Some(context.waker().clone());
+                Poll::Pending
+            })
+            .await;
+            break;
+        }
+
+        gather_batch(&inner).await;
+        sync_dirty(&inner).await;
+        refresh_free_bytes(&inner);
+        prepare_standby(&inner);
+    }
+    let mut commit = inner.commit.borrow_mut();
+    commit.committer_done = true;
+    commit.wake_waiters();
+}
+
+/// Waits up to `commit_max_wait` for `commit_max_batch` appends to gather.
+async fn gather_batch<S: Storage>(inner: &Inner<S>) {
+    let batch = u64::from(inner.commit_max_batch);
+    if inner.commit_max_wait.is_zero() || inner.commit.borrow().pending() >= batch {
+        return;
+    }
+    let started = Instant::now();
+    let full = poll_fn(|context| {
+        let mut commit = inner.commit.borrow_mut();
+        if commit.pending() >= batch || commit.closing {
+            return Poll::Ready(());
+        }
+        commit.committer = Some(context.waker().clone());
+        Poll::Pending
+    });
+    futures_lite::future::or(full, glommio::timer::sleep(inner.commit_max_wait)).await;
+    inner.commit.borrow_mut().committer = None;
+    tracing::trace!(
+        shard = inner.shard,
+        waited_us = started.elapsed().as_micros() as u64,
+        "spool: commit batch gathered"
+    );
+}
+
+async fn sync_dirty<S: Storage>(inner: &Inner<S>) {
+    let (target, dirty) = {
+        let mut commit = inner.commit.borrow_mut();
+        commit.sync_started = commit.appended;
+        (commit.appended, std::mem::take(&mut commit.dirty))
+    };
+    let handles: Vec<(u32, Rc<S::Segment>)> = {
+        let segments = inner.segments.borrow();
+        dirty
+            .iter()
+            .filter_map(|id| segments.get(id).map(|entry| (*id, entry.segment.clone())))
+            .collect()
+    };
+    let started = Instant::now();
+    let mut failure = None;
+    for (id, segment) in handles {
+        if let Err(error) = segment.sync().await {
+            failure = Some((id, error));
+            break;
+        }
+    }
+    let mut commit = inner.commit.borrow_mut();
+    match failure {
+        None => {
+            commit.synced = target;
+            tracing::trace!(
+                shard = inner.shard,
+                seq = target,
+                sync_us = started.elapsed().as_micros() as u64,
+                "spool: commit synced"
+            );
+        }
+        Some((segment, error)) => {
+            tracing::error!(
+                shard = inner.shard,
+                segment,
+                path = %inner.storage.describe(segment),
+                %error,
+                "spool: fdatasync failed; the shard rejects appends until restarted. Check the kernel log (dmesg) for I/O errors and the disk for free space, then restart the engine"
+            );
+            commit.failed = Some(CommitError::SyncFailed {
+                segment,
+                reason: error.to_string(),
+            });
+        }
+    }
+    commit.wake_waiters();
+}
+
+fn refresh_free_bytes<S: Storage>(inner: &Inner<S>) {
+    match inner.storage.free_bytes() {
+        Ok(free_bytes) => inner.free_bytes.set(free_bytes),
+        Err(error) => {
+            tracing::warn!(shard = inner.shard, %error, "spool: checking free disk space failed")
+        }
+    }
+}
+
+/// Creates the next segment ahead of time, so a roll-over in the append path
+/// does not wait for file creation and fallocate.
+fn prepare_standby<S: Storage>(inner: &Inner<S>) {
+    if inner.standby.borrow().is_some() || inner.commit.borrow().failed.is_some() {
+        return;
+    }
+    // Prepare only once the active segment is more than half full, so an idle
+    // shard does not hold two preallocated segments.
+    let active_half_full = inner.active.get().is_some_and(|id| {
+        inner
+            .segments
+            .borrow()
+            .get(&id)
+            .is_some_and(|entry| entry.write_offset > entry.segment.len_bytes() / 2)
+    });
+    if !active_half_full {
+        return;
+    }
+    match create_segment(inner) {
+        Ok(standby) => *inner.standby.borrow_mut() = Some(standby),
+        Err(error) => {
+            tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after the next sync")
+        }
+    }
+}
