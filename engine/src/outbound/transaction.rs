@@ -1,0 +1,522 @@
+//! SMTP transactions: MAIL, RCPT, DATA (RFC 5321 §3.3), with PIPELINING
+//! (RFC 2920), DSN parameters (RFC 3461), 8BITMIME (RFC 6152), SMTPUTF8
+//! (RFC 6531) and SIZE (RFC 1870).
+
+use std::time::Duration;
+
+use super::body::{self, PreparedBody};
+use super::connection::Connection;
+use super::error::{SessionError, Stage};
+use super::{OutboundMessage, OutboundRecipient, RecipientResult, Ret, notify};
+use crate::smtp::{EnhancedStatus, Reply};
+
+/// RCPT commands written before their replies are read. RFC 5321
+/// §4.5.3.1.8 makes servers accept at least 100 recipients per transaction,
+/// and a bounded group keeps the unread replies within socket buffers so
+/// neither side blocks on a full buffer (RFC 2920 §3.5).
+const RCPT_GROUP_SIZE: usize = 100;
+
+/// Bytes of message content gathered before a write. Larger body slices
+/// bypass the buffer and are written in place.
+const DATA_WRITE_BYTES: usize = 64 * 1024;
+
+/// How long to look for a reply after a write failed during DATA. The
+/// server usually sent a 421 just before it closed.
+const LATE_REPLY_WAIT: Duration = Duration::from_secs(2);
+
+impl Connection {
+    /// Sends `message` to its recipients over this connection, in one or
+    /// more transactions, and returns one result per recipient, in order.
+    ///
+    /// A server at its recipient limit replies `452`, or `552` with X.5.3 or
+    /// "too many recipients" (RFC 5321 §4.5.3.1.10). When that happens after
+    /// some RCPTs were accepted, DATA completes for the accepted ones. Then a
+    /// new transaction after RSET carries the rest, so each recipient gets
+    /// one copy.
+    ///
+    /// When the session fails midway (421, timeout, lost connection), every
+    /// recipient without a final reply becomes `Transient` with the 421 or a
+    /// synthesized 4.4.x reply, the results are still returned, and the
+    /// connection is marked unusable. `Err` is returned only when the
+    /// connection was already unusable before the call.
+    pub async fn send(
+        &mut self,
+        message: &OutboundMessage<'_>,
+    ) -> Result<Vec<RecipientResult>, SessionError> {
+        if let Some(error) = &self.failed {
+            return Err(error.clone());
+        }
+        let mut results: Vec<Option<RecipientResult>> = vec![None; message.recipients.len()];
+        let use_smtputf8 = self.check_addresses(message, &mut results);
+
+        let prepared = match body::prepare(message.body, self.capabilities.eight_bit_mime) {
+            Ok(prepared) => prepared,
+            Err(reply) => return Ok(fill_undecided(results, &reply, RecipientResult::Permanent)),
+        };
+        if let Some(limit) = self.capabilities.size_limit_bytes
+            && limit > 0
+            && prepared.bytes.len() as u64 > limit
+        {
+            let reply = Reply::new(
+                552,
+                EnhancedStatus::new(5, 3, 4),
+                format!(
+                    "message size {} octets exceeds the server's limit of {limit}",
+                    prepared.bytes.len()
+                ),
+            );
+            return Ok(fill_undecided(results, &reply, RecipientResult::Permanent));
+        }
+
+        let mut pending: Vec<usize> = (0..results.len())
+            .filter(|&index| results[index].is_none())
+            .collect();
+        let mut completed_transaction = false;
+        let mut first = true;
+        while !pending.is_empty() {
+            if !first && let Err(error) = self.rset_between_transactions().await {
+                return Ok(self.fail_session(error, results));
+            }
+            first = false;
+            match self
+                .transaction(message, &prepared, &pending, use_smtputf8, &mut results)
+                .await
+            {
+                Ok(outcome) => {
+                    completed_transaction |= outcome.data_completed;
+                    if outcome.over_limit.len() == pending.len() {
+                        // No recipient was accepted, so another transaction
+                        // cannot make progress on this connection.
+                        let reply = outcome.limit_reply.unwrap_or_else(undecided_reply);
+                        for &index in &outcome.over_limit {
+                            results[index] = Some(RecipientResult::Transient(reply.clone()));
+                        }
+                        break;
+                    }
+                    pending = outcome.over_limit;
+                }
+                Err(error) => return Ok(self.fail_session(error, results)),
+            }
+        }
+        if completed_transaction {
+            self.messages_sent = self.messages_sent.saturating_add(1);
+        }
+        Ok(results
+            .into_iter()
+            .map(|result| {
+                // Every path above decides each pending recipient or breaks
+                // after deciding the rest, so none is left undecided.
+                result.unwrap_or_else(|| RecipientResult::Transient(undecided_reply()))
+            })
+            .collect())
+    }
+
+    /// Applies the SMTPUTF8 rules of RFC 6531 §3.4 and the command-line
+    /// rules of RFC 5321 §2.3.8, deciding recipients that cannot be sent.
+    /// Returns whether MAIL carries the SMTPUTF8 parameter.
+    fn check_addresses(
+        &self,
+        message: &OutboundMessage<'_>,
+        results: &mut [Option<RecipientResult>],
+    ) -> bool {
+        let invalid = |address: &str| address.bytes().any(|byte| byte.is_ascii_control());
+        if invalid(message.sender) {
+            let reply = Reply::new(
+                501,
+                EnhancedStatus::new(5, 1, 7),
+                "sender address contains control characters",
+            );
+            results.fill(Some(RecipientResult::Permanent(reply)));
+            return false;
+        }
+        let needs_smtputf8 = message.smtputf8
+            || !message.sender.is_ascii()
+            || message.recipients.iter().any(|r| !r.address.is_ascii());
+        let offered = self.capabilities.smtputf8;
+        let no_utf8_reply = |what: &str| {
+            Reply::new(
+                553,
+                EnhancedStatus::new(5, 6, 7),
+                format!(
+                    "non-ASCII {what} address not permitted: the server does not offer SMTPUTF8"
+                ),
+            )
+        };
+        if !offered && !message.sender.is_ascii() {
+            results.fill(Some(RecipientResult::Permanent(no_utf8_reply("sender"))));
+            return false;
+        }
+        for (recipient, result) in message.recipients.iter().zip(results.iter_mut()) {
+            if invalid(recipient.address) {
+                *result = Some(RecipientResult::Permanent(Reply::new(
+                    501,
+                    EnhancedStatus::new(5, 1, 3),
+                    "recipient address contains control characters",
+                )));
+            } else if !offered && !recipient.address.is_ascii() {
+                // RFC 6531 §3.4: never rewrite the local part (no punycode);
+                // the recipient fails with X.6.7 instead.
+                *result = Some(RecipientResult::Permanent(no_utf8_reply("recipient")));
+            }
+        }
+        needs_smtputf8 && offered
+    }
+
+    /// Marks the connection failed and turns every undecided recipient
+    /// into `Transient` with the error's reply.
+    fn fail_session(
+        &mut self,
+        error: SessionError,
+        results: Vec<Option<RecipientResult>>,
+    ) -> Vec<RecipientResult> {
+        tracing::info!(
+            mx_host = %self.remote_host,
+            addr = %self.remote_addr,
+            %error,
+            "session failed during a transaction; undecided recipients deferred"
+        );
+        let reply = error.reply();
+        self.failed = Some(error);
+        fill_undecided(results, &reply, RecipientResult::Transient)
+    }
+
+    async fn rset_between_transactions(&mut self) -> Result<(), SessionError> {
+        let reply = self.command(b"RSET\r\n", Stage::Rset).await?;
+        if reply.code == 250 {
+            Ok(())
+        } else {
+            Err(SessionError::RemoteRejected {
+                stage: Stage::Rset,
+                reply,
+            })
+        }
+    }
+
+    /// Runs one transaction for the recipients in `pending`.
+    async fn transaction(
+        &mut self,
+        message: &OutboundMessage<'_>,
+        prepared: &PreparedBody<'_>,
+        pending: &[usize],
+        use_smtputf8: bool,
+        results: &mut [Option<RecipientResult>],
+    ) -> Result<TransactionOutcome, SessionError> {
+        let mail = self.mail_command(message, prepared, use_smtputf8);
+        let rcpts: Vec<Vec<u8>> = pending
+            .iter()
+            .map(|&index| self.rcpt_command(&message.recipients[index]))
+            .collect();
+        let replies = self.mail_and_rcpt(&mail, &rcpts).await?;
+        let (mail_reply, rcpt_replies) = replies;
+
+        let mut outcome = TransactionOutcome::default();
+        if mail_reply.code / 100 != 2 {
+            // RFC 5321 §4.5.5 and §6.1: a rejected null sender is not
+            // retried with another sender, so the reply decides everyone.
+            let result = RecipientResult::rejected(mail_reply);
+            for &index in pending {
+                results[index] = Some(result.clone());
+            }
+            return Ok(outcome);
+        }
+
+        let mut accepted = Vec::new();
+        for (&index, reply) in pending.iter().zip(rcpt_replies) {
+            if reply.code / 100 == 2 {
+                accepted.push(index);
+            } else if is_recipient_limit(&reply) {
+                outcome.limit_reply = Some(reply);
+                outcome.over_limit.push(index);
+            } else {
+                results[index] = Some(RecipientResult::rejected(reply));
+            }
+        }
+        if accepted.is_empty() {
+            return Ok(outcome);
+        }
+
+        let reply = self.command(b"DATA\r\n", Stage::Data).await?;
+        if reply.code == 421 {
+            return Err(SessionError::RemoteRejected {
+                stage: Stage::Data,
+                reply,
+            });
+        }
+        if reply.code != 354 {
+            let result = RecipientResult::rejected(reply);
+            for &index in &accepted {
+                results[index] = Some(result.clone());
+            }
+            return Ok(outcome);
+        }
+
+        self.write_content(&prepared.bytes).await?;
+        // RFC 5321 §4.5.3.2.6: wait at least 10 minutes for the reply to the
+        // final dot, because giving up early risks a duplicate delivery.
+        let reply = self
+            .stream
+            .read_reply(Stage::DataDone, self.timeouts.data_done)
+            .await?;
+        let closing = reply.code == 421;
+        let result = RecipientResult::from_final_reply(reply.clone());
+        for &index in &accepted {
+            results[index] = Some(result.clone());
+        }
+        outcome.data_completed = true;
+        if closing {
+            return Err(SessionError::RemoteRejected {
+                stage: Stage::DataDone,
+                reply,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Sends MAIL and the RCPTs and reads their replies, pipelined in groups
+    /// when the server offers PIPELINING.
+    async fn mail_and_rcpt(
+        &mut self,
+        mail: &[u8],
+        rcpts: &[Vec<u8>],
+    ) -> Result<(Reply, Vec<Reply>), SessionError> {
+        let pipelining = self.capabilities.pipelining;
+        let mail_reply = if pipelining {
+            let mut first_group = mail.to_vec();
+            let group_len = rcpts.len().min(RCPT_GROUP_SIZE);
+            for rcpt in &rcpts[..group_len] {
+                first_group.extend_from_slice(rcpt);
+            }
+            self.stream
+                .write_all(&first_group, Stage::Mail, self.timeouts.command)
+                .await?;
+            self.stream
+                .read_reply(Stage::Mail, self.timeouts.command)
+                .await?
+        } else {
+            self.command(mail, Stage::Mail).await?
+        };
+        check_closing(&mail_reply, Stage::Mail)?;
+        let mail_accepted = mail_reply.code / 100 == 2;
+        if !pipelining && !mail_accepted {
+            return Ok((mail_reply, Vec::new()));
+        }
+
+        let mut replies = Vec::with_capacity(rcpts.len());
+        if pipelining {
+            for (group_index, group) in rcpts.chunks(RCPT_GROUP_SIZE).enumerate() {
+                if group_index > 0 {
+                    if !mail_accepted {
+                        break;
+                    }
+                    let bytes: Vec<u8> = group.concat();
+                    self.stream
+                        .write_all(&bytes, Stage::Rcpt, self.timeouts.command)
+                        .await?;
+                }
+                // Every pipelined RCPT gets a reply even after a failed MAIL
+                // (RFC 2920 §3.1), and all must be read to keep replies and
+                // commands in step.
+                for _ in group {
+                    let reply = self
+                        .stream
+                        .read_reply(Stage::Rcpt, self.timeouts.command)
+                        .await?;
+                    check_closing(&reply, Stage::Rcpt)?;
+                    replies.push(reply);
+                }
+            }
+        } else {
+            for rcpt in rcpts {
+                let reply = self.command(rcpt, Stage::Rcpt).await?;
+                check_closing(&reply, Stage::Rcpt)?;
+                replies.push(reply);
+            }
+        }
+        Ok((mail_reply, replies))
+    }
+
+    fn mail_command(
+        &self,
+        message: &OutboundMessage<'_>,
+        prepared: &PreparedBody<'_>,
+        use_smtputf8: bool,
+    ) -> Vec<u8> {
+        let capabilities = &self.capabilities;
+        let mut line = format!("MAIL FROM:<{}>", message.sender);
+        if capabilities.size_limit_bytes.is_some() {
+            line.push_str(&format!(" SIZE={}", prepared.bytes.len()));
+        }
+        if prepared.eight_bit && capabilities.eight_bit_mime {
+            line.push_str(" BODY=8BITMIME");
+        }
+        if use_smtputf8 {
+            line.push_str(" SMTPUTF8");
+        }
+        if capabilities.dsn {
+            if let Some(ret) = message.ret {
+                line.push_str(match ret {
+                    Ret::Full => " RET=FULL",
+                    Ret::Headers => " RET=HDRS",
+                });
+            }
+            if let Some(envid) = message.envid {
+                line.push_str(" ENVID=");
+                line.push_str(&body::xtext(envid));
+            }
+        }
+        line.push_str("\r\n");
+        line.into_bytes()
+    }
+
+    fn rcpt_command(&self, recipient: &OutboundRecipient<'_>) -> Vec<u8> {
+        let mut line = format!("RCPT TO:<{}>", recipient.address);
+        if self.capabilities.dsn {
+            if recipient.notify != 0 {
+                line.push_str(" NOTIFY=");
+                line.push_str(&notify_value(recipient.notify));
+            }
+            if let Some(orcpt) = recipient.orcpt {
+                // RFC 3461 §4.2: ORCPT=addr-type;xtext-address.
+                let (address_type, address) = match orcpt.split_once(';') {
+                    Some((address_type, address)) if !address_type.contains('@') => {
+                        (address_type.trim(), address.trim())
+                    }
+                    _ => ("rfc822", orcpt),
+                };
+                line.push_str(" ORCPT=");
+                line.push_str(&body::xtext(address_type));
+                line.push(';');
+                line.push_str(&body::xtext(address));
+            }
+        }
+        line.push_str("\r\n");
+        line.into_bytes()
+    }
+
+    /// Streams the dot-stuffed content. A failed write stops at once: the
+    /// server may have sent a 421 and closed (RFC 5321 §3.8), so the client
+    /// looks for that reply instead of writing on.
+    async fn write_content(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        let timeout = self.timeouts.command;
+        let mut buffer: Vec<u8> = Vec::with_capacity(DATA_WRITE_BYTES);
+        let mut result = Ok(());
+        for piece in body::dot_stuffed(bytes) {
+            if buffer.len() + piece.len() > DATA_WRITE_BYTES && !buffer.is_empty() {
+                result = self
+                    .stream
+                    .write_all(&buffer, Stage::DataBody, timeout)
+                    .await;
+                buffer.clear();
+                if result.is_err() {
+                    break;
+                }
+            }
+            if piece.len() >= DATA_WRITE_BYTES {
+                result = self.stream.write_all(piece, Stage::DataBody, timeout).await;
+                if result.is_err() {
+                    break;
+                }
+            } else {
+                buffer.extend_from_slice(piece);
+            }
+        }
+        if result.is_ok() && !buffer.is_empty() {
+            result = self
+                .stream
+                .write_all(&buffer, Stage::DataBody, timeout)
+                .await;
+        }
+        let Err(error) = result else {
+            return Ok(());
+        };
+        if let SessionError::ConnectionLost { .. } = error
+            && let Ok(reply) = self
+                .stream
+                .read_reply(Stage::DataBody, LATE_REPLY_WAIT)
+                .await
+        {
+            return Err(SessionError::RemoteRejected {
+                stage: Stage::DataBody,
+                reply,
+            });
+        }
+        Err(error)
+    }
+}
+
+#[derive(Default)]
+struct TransactionOutcome {
+    /// Recipients refused only because of the server's recipient limit.
+    over_limit: Vec<usize>,
+    /// The last recipient-limit reply, for recipients that cannot be sent
+    /// on this connection at all.
+    limit_reply: Option<Reply>,
+    /// True when DATA ran to its final reply.
+    data_completed: bool,
+}
+
+/// Returns an error for a 421, which closes the session whatever command it
+/// replies to (RFC 5321 §3.8).
+fn check_closing(reply: &Reply, stage: Stage) -> Result<(), SessionError> {
+    if reply.code == 421 {
+        Err(SessionError::RemoteRejected {
+            stage,
+            reply: reply.clone(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// True for the replies a server gives at its recipient limit: `452`
+/// (RFC 5321 §4.5.3.1.10) unless its enhanced status names another cause,
+/// such as `4.2.2` mailbox full, and the legacy `552` with `5.5.3` or the
+/// text "too many recipients".
+fn is_recipient_limit(reply: &Reply) -> bool {
+    let limit_status = reply
+        .status
+        .is_some_and(|status| status.subject == 5 && status.detail == 3);
+    match reply.code {
+        452 => reply.status.is_none() || limit_status,
+        552 => {
+            limit_status
+                || reply
+                    .lines
+                    .iter()
+                    .any(|line| line.to_ascii_lowercase().contains("too many recipients"))
+        }
+        _ => false,
+    }
+}
+
+fn notify_value(bits: u8) -> String {
+    if bits & notify::NEVER != 0 {
+        return "NEVER".to_string();
+    }
+    let names = [
+        (notify::SUCCESS, "SUCCESS"),
+        (notify::FAILURE, "FAILURE"),
+        (notify::DELAY, "DELAY"),
+    ];
+    names
+        .iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn fill_undecided(
+    results: Vec<Option<RecipientResult>>,
+    reply: &Reply,
+    make: fn(Reply) -> RecipientResult,
+) -> Vec<RecipientResult> {
+    results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| make(reply.clone())))
+        .collect()
+}
+
+fn undecided_reply() -> Reply {
+    Reply::new(451, EnhancedStatus::new(4, 3, 0), "delivery not attempted")
+}
