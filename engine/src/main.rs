@@ -1,1 +1,251 @@
-fn main() {}
+//! The `caduceus` command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use caduceus_engine::{control, cores, demo, runtime};
+use caduceus_policy::config::Config;
+use caduceus_policy::{Lane, Policy, load_config};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+/// Caduceus: an outbound MTA for mail that carries protected health
+/// information.
+#[derive(Parser)]
+#[command(name = "caduceus", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine: accept mail on the lane sockets and deliver it.
+    Serve {
+        /// Configuration file (TOML). Without it, the built-in defaults apply.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the engine on the embedded default configuration against a local
+    /// receiver, inject a realistic mix, and report latency per lane.
+    Demo(demo::DemoArgs),
+    /// Inspect or change the queue of a running engine.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Print the CPUs and the lane allocation the config gives.
+    Cores {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check the configuration and its policy rules.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Pending recipients per destination on every core.
+    List,
+    /// Stop deliveries to a destination domain until it is released.
+    Hold { destination: String },
+    /// Resume deliveries to a held destination.
+    Release { destination: String },
+    /// Drop every pending recipient of a destination, without a bounce.
+    Delete { destination: String },
+    /// Retry every pending recipient of a destination now.
+    Requeue { destination: String },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Validate a configuration file; errors give file:line:column.
+    Check { file: PathBuf },
+    /// Show which rule applies to an address, and why.
+    Explain {
+        address: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The lane whose defaults apply: transactional or bulk.
+        #[arg(long, default_value = "bulk")]
+        lane: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own report; only warnings and errors go with it.
+    init_logging(if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    });
+    let result = match cli.command {
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::Demo(args) => demo::run(args),
+        Command::Queue { action, config } => queue(action, config.as_deref()),
+        Command::Cores { config } => print_cores(config.as_deref()),
+        Command::Policy { action } => policy(action),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("caduceus: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr at `default_level` unless CADUCEUS_LOG sets a filter.
+/// glommio's own warning about unregistered io_uring buffers is left out
+/// because the engine logs the cause (RLIMIT_MEMLOCK) and its fix itself.
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CADUCEUS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default_level},glommio::sys::uring=error"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn read_config(path: Option<&Path>) -> Result<Config, String> {
+    match path {
+        Some(path) => load_config(path).map_err(|error| error.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn serve(config_path: Option<&Path>) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let config = read_config(config_path)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|error| format!("cannot install signal handlers: {error}"))?;
+    let engine = runtime::start(config)?;
+    for signal in signals.forever() {
+        match signal {
+            SIGHUP => reload(config_path, &engine),
+            _ => {
+                tracing::info!(signal, "engine: draining on signal");
+                engine.request_shutdown();
+                break;
+            }
+        }
+    }
+    engine.wait()
+}
+
+/// Recompiles the policy from the config file and swaps it in. A policy
+/// that fails to compile is rejected and the old one stays in force.
+fn reload(config_path: Option<&Path>, engine: &runtime::Engine) {
+    let compiled = read_config(config_path).and_then(|config| {
+        Policy::compile(&config).map_err(|error| error.to_string())
+    });
+    match compiled {
+        Ok(policy) => {
+            engine.policy.store(policy);
+            tracing::info!("policy: reloaded");
+        }
+        Err(error) => {
+            tracing::error!(%error, "policy: reload rejected; the previous policy stays in force");
+        }
+    }
+}
+
+fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> {
+    let config = read_config(config_path)?;
+    let request = match &action {
+        QueueAction::List => json!({"command": "queue.list"}),
+        QueueAction::Hold { destination } => {
+            json!({"command": "queue.hold", "destination": destination})
+        }
+        QueueAction::Release { destination } => {
+            json!({"command": "queue.release", "destination": destination})
+        }
+        QueueAction::Delete { destination } => {
+            json!({"command": "queue.delete", "destination": destination})
+        }
+        QueueAction::Requeue { destination } => {
+            json!({"command": "queue.requeue", "destination": destination})
+        }
+    };
+    let response = control::request(&config.control_socket(), &request)?;
+    if response.get("ok").and_then(|ok| ok.as_bool()) != Some(true) {
+        let error = response
+            .get("error")
+            .and_then(|error| error.as_str())
+            .unwrap_or("the engine rejected the command");
+        return Err(error.to_string());
+    }
+    if let QueueAction::List = action {
+        println!("{:<40} {:>10} {:>6} {:>5}", "DESTINATION", "PENDING", "HELD", "CORE");
+        for executor in response["executors"].as_array().into_iter().flatten() {
+            for row in executor["destinations"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:>10} {:>6} {:>5}",
+                    row["destination"].as_str().unwrap_or("?"),
+                    row["pending"],
+                    if row["held"].as_bool() == Some(true) { "yes" } else { "no" },
+                    executor["core"],
+                );
+            }
+        }
+    } else {
+        println!("{response}");
+    }
+    Ok(())
+}
+
+fn print_cores(config_path: Option<&Path>) -> Result<(), String> {
+    let config = read_config(config_path)?;
+    let cpus = cores::available_cpus();
+    println!("{}", cores::topology_report(&cpus));
+    let allocation = cores::allocate(&config, &cpus)?;
+    println!("allocation:");
+    for spec in allocation {
+        let lanes: Vec<&str> = spec.lanes.iter().map(|lane| lane.as_str()).collect();
+        println!(
+            "  executor {} on CPU {}: {}",
+            spec.index,
+            spec.cpu,
+            lanes.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn policy(action: PolicyAction) -> Result<(), String> {
+    match action {
+        PolicyAction::Check { file } => {
+            let config = load_config(&file).map_err(|error| error.to_string())?;
+            let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
+            println!("{}: valid ({} rules)", file.display(), config.rules.len());
+            drop(policy);
+            Ok(())
+        }
+        PolicyAction::Explain {
+            address,
+            config,
+            lane,
+        } => {
+            let lane = match lane.as_str() {
+                "transactional" => Lane::Transactional,
+                "bulk" => Lane::Bulk,
+                other => {
+                    return Err(format!(
+                        "invalid --lane {other:?}: expected transactional or bulk"
+                    ));
+                }
+            };
+            let config = read_config(config.as_deref())?;
+            let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
+            println!("{}", policy.explain(&address, lane));
+            Ok(())
+        }
+    }
+}

@@ -33,6 +33,9 @@ struct Key {
 }
 
 /// Key id to AES-256-GCM key, with one active key for new records.
+///
+/// Each executor opens its spool shard with its own copy.
+#[derive(Clone)]
 pub struct Keyring {
     keys: BTreeMap<u32, Key>,
     active: u32,
@@ -59,6 +62,13 @@ impl Drop for Keyring {
                 unsafe { std::ptr::write_volatile(byte, 0) };
             }
         }
+    }
+}
+
+impl Clone for Key {
+    // ring's keys are not `Clone`; a copy is rebuilt from the raw bytes.
+    fn clone(&self) -> Key {
+        make_key(self.raw)
     }
 }
 

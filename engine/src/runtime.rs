@@ -1,0 +1,264 @@
+//! Starting and stopping the engine: directories, keys, sockets, the
+//! privilege drop, one glommio executor per allocated CPU, and the control
+//! thread.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use caduceus_policy::config::Config;
+use caduceus_policy::{Lane, Policy, SiteKey};
+use caduceus_spool::Keyring;
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+
+use crate::control::{CONTROL_CHANNEL_CAPACITY, ControlPlane, load_holds};
+use crate::cores::{ExecutorSpec, allocate, available_cpus};
+use crate::policy_swap::PolicyCell;
+use crate::shard::{self, ShardSetup};
+
+/// Environment variable holding the spool key in hex, instead of a key file.
+pub const SPOOL_KEY_ENV: &str = "CADUCEUS_SPOOL_KEY";
+
+/// A running engine.
+pub struct Engine {
+    shutdown: Arc<AtomicBool>,
+    executors: Vec<ExecutorJoinHandle<Result<(), String>>>,
+    control: Option<JoinHandle<()>>,
+    pub policy: Arc<PolicyCell>,
+    pub allocation: Vec<ExecutorSpec>,
+}
+
+/// Starts every executor and returns once each has recovered its spool and
+/// its sockets accept connections.
+pub fn start(config: Config) -> Result<Engine, String> {
+    let config = Arc::new(config);
+    let allocation = allocate(&config, &available_cpus())?;
+    let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
+    let policy = Arc::new(PolicyCell::new(policy));
+
+    for dir in [
+        config.state_dir.clone(),
+        config.state_dir.join("run"),
+        config.spool_dir(),
+        config.log_dir(),
+        config.state_dir.join("keys"),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(|error| {
+            format!(
+                "cannot create {}: {error}; check that state_dir is writable",
+                dir.display()
+            )
+        })?;
+    }
+    restrict_mode(&config.state_dir.join("keys"), 0o700)?;
+    restrict_mode(&config.spool_dir(), 0o700)?;
+
+    let keyring = load_keyring(&config)?;
+    let site_key_path = config.state_dir.join("keys").join("site.key");
+    let site_key = SiteKey::load_or_create(&site_key_path).map_err(|error| error.to_string())?;
+
+    let mut lane_listeners: Vec<(Lane, UnixListener)> = Vec::new();
+    for lane in Lane::ALL {
+        let path = config.lane_socket(lane);
+        let listener = crate::ingress::bind_socket(&path, config.lanes.get(lane))
+            .map_err(|error| error.to_string())?;
+        lane_listeners.push((lane, listener));
+    }
+    let control_path = config.control_socket();
+    let _ = std::fs::remove_file(&control_path);
+    let control_listener = UnixListener::bind(&control_path).map_err(|error| {
+        format!(
+            "cannot bind the control socket {}: {error}",
+            control_path.display()
+        )
+    })?;
+    restrict_mode(&control_path, 0o600)?;
+
+    raise_memlock_limit();
+    crate::privileges::drop_if_root(&config)?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let holds_file = config.state_dir.join("holds.json");
+    let holds = load_holds(&holds_file);
+    let (ready_sender, ready_receiver) = crossbeam_channel::bounded(allocation.len());
+    let mut control_senders = Vec::new();
+    let mut executors = Vec::new();
+    for spec in &allocation {
+        let mut listeners = Vec::new();
+        for (lane, listener) in &lane_listeners {
+            if spec.lanes.contains(lane) {
+                let copy = listener.try_clone().map_err(|error| {
+                    format!("cannot share the {} socket: {error}", lane.as_str())
+                })?;
+                listeners.push((*lane, copy));
+            }
+        }
+        let (control_sender, control_receiver) =
+            crossbeam_channel::bounded(CONTROL_CHANNEL_CAPACITY);
+        control_senders.push(control_sender);
+        let setup = ShardSetup {
+            spec: spec.clone(),
+            config: config.clone(),
+            policy: policy.clone(),
+            keyring: keyring.clone(),
+            site_key: site_key.clone(),
+            listeners,
+            control: control_receiver,
+            shutdown: shutdown.clone(),
+            holds: holds.clone(),
+        };
+        let ready = ready_sender.clone();
+        let transactional = spec.lanes.contains(&Lane::Transactional);
+        let name = format!(
+            "caduceus-{}-{}",
+            if transactional { "tx" } else { "bulk" },
+            spec.index
+        );
+        // A short preemption timer lets latency-sensitive task queues
+        // (transactional delivery) run within 1 ms of becoming ready.
+        let preempt = if transactional {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(10)
+        };
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(spec.cpu))
+            .name(&name)
+            .preempt_timer(preempt)
+            .spawn(move || async move {
+                let result = shard::run_with_ready(setup, ready).await;
+                if let Err(error) = &result {
+                    tracing::error!(%error, "core: stopped with an error");
+                }
+                result
+            })
+            .map_err(|error| format!("cannot start executor on CPU {}: {error}", spec.cpu))?;
+        executors.push(handle);
+    }
+    drop(ready_sender);
+    for _ in 0..allocation.len() {
+        match ready_receiver.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                shutdown.store(true, Ordering::Release);
+                return Err(error);
+            }
+            Err(_) => {
+                shutdown.store(true, Ordering::Release);
+                let mut message = "an executor stopped during start".to_string();
+                for handle in executors {
+                    if let Ok(Err(error)) = handle.join() {
+                        message = error;
+                    }
+                }
+                return Err(message);
+            }
+        }
+    }
+    let plane = ControlPlane {
+        executors: control_senders,
+        holds_file,
+        audit_file: config.log_dir().join("audit.log"),
+        shutdown: shutdown.clone(),
+    };
+    let control = std::thread::Builder::new()
+        .name("caduceus-control".into())
+        .spawn(move || plane.serve(control_listener))
+        .map_err(|error| format!("cannot start the control thread: {error}"))?;
+    tracing::info!(executors = allocation.len(), "engine: started");
+    Ok(Engine {
+        shutdown,
+        executors,
+        control: Some(control),
+        policy,
+        allocation,
+    })
+}
+
+impl Engine {
+    /// Asks every executor to drain: stop accepting, finish deliveries in
+    /// flight, sync the spool.
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+    }
+
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Waits for every executor to stop. Returns the first error.
+    pub fn wait(mut self) -> Result<(), String> {
+        let mut first_error = None;
+        for handle in self.executors.drain(..) {
+            let result = match handle.join() {
+                Ok(result) => result,
+                Err(_) => Err("an executor thread panicked".to_string()),
+            };
+            if let Err(error) = result {
+                first_error.get_or_insert(error);
+            }
+        }
+        self.shutdown.store(true, Ordering::Release);
+        if let Some(control) = self.control.take() {
+            let _ = control.join();
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Raises the locked-memory limit as far as allowed: glommio registers its
+/// io_uring buffers in locked memory and skips registration (with slower
+/// I/O) when the limit is too low. Root may lift the hard limit too, before
+/// the privilege drop.
+fn raise_memlock_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
+        return;
+    };
+    let target = if nix::unistd::geteuid().is_root() {
+        nix::sys::resource::RLIM_INFINITY
+    } else {
+        hard
+    };
+    if soft < target && setrlimit(Resource::RLIMIT_MEMLOCK, target, target.max(hard)).is_err() {
+        tracing::warn!(
+            soft_bytes = soft,
+            "engine: RLIMIT_MEMLOCK could not be raised; io_uring buffers may go unregistered (raise it with `ulimit -l` or LimitMEMLOCK=infinity)"
+        );
+    }
+}
+
+fn restrict_mode(path: &Path, mode: u32) -> Result<(), String> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|error| {
+        format!(
+            "cannot set mode {mode:o} on {}: {error}",
+            path.display()
+        )
+    })
+}
+
+fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
+    if !config.spool.encryption {
+        tracing::warn!("spool: encryption at rest is off (spool.encryption = false); message content is stored in the clear");
+        return Ok(None);
+    }
+    if let Ok(hex) = std::env::var(SPOOL_KEY_ENV) {
+        return Keyring::from_hex(1, hex.trim())
+            .map(Some)
+            .map_err(|error| format!("{SPOOL_KEY_ENV}: {error}"));
+    }
+    let path = config
+        .spool
+        .key_file
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("keys").join("spool.key"));
+    Keyring::load_or_create(&path)
+        .map(Some)
+        .map_err(|error| error.to_string())
+}

@@ -1,0 +1,979 @@
+//! Delivery: workers per destination, connection reuse, per-recipient
+//! outcomes, retries and bounces.
+//!
+//! A destination is a recipient domain. Each destination runs at most
+//! `max_connections` workers; a worker holds one connection and takes
+//! messages from the destination's ready queue until it is empty, then
+//! parks the connection in the destination's idle pool.
+
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use caduceus_policy::{EffectiveRule, Lane, Route};
+use caduceus_spool::{Envelope, MessageId, Outcome, Recipient, RecipientState, RecordRef, notify};
+use rand::Rng;
+
+use super::Shard;
+use super::queue::{IdleConnection, QueuedMessage, WorkItem};
+use crate::deliverylog::{Entry, Event, now_us};
+use crate::dns::DnsError;
+use crate::dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn};
+use crate::outbound::{
+    ConnectParams, Connection, OutboundMessage, OutboundRecipient, RecipientResult, SessionError,
+};
+use crate::smtp::{EnhancedStatus, Reply};
+
+/// Starts workers for every destination that has ready mail.
+pub fn dispatch_all(shard: &Rc<Shard>) {
+    let domains: Vec<Rc<str>> = shard.queue.borrow().destinations.keys().cloned().collect();
+    for domain in domains {
+        dispatch(shard, &domain);
+    }
+}
+
+/// Starts workers for one destination, up to its connection limit.
+pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
+    if shard.draining.get() {
+        return;
+    }
+    let policy = shard.current_policy();
+    loop {
+        let key = {
+            let queue = shard.queue.borrow();
+            let Some((key, destination)) = queue.destinations.get_key_value(domain) else {
+                return;
+            };
+            let Some(first) = destination.ready.front() else {
+                return;
+            };
+            let lane = queue
+                .messages
+                .get(&first.record)
+                .map_or(Lane::Bulk, |message| message.envelope.lane);
+            let rule = policy.for_domain(domain, lane);
+            let limit_reached = destination.active_workers >= rule.max_connections.max(1)
+                || destination.active_workers as usize >= destination.ready.len();
+            let global_limit =
+                shard.inflight.get() >= shard.config.delivery.max_concurrent_deliveries;
+            if destination.held || limit_reached || global_limit {
+                return;
+            }
+            key.clone()
+        };
+        if let Some(destination) = shard.queue.borrow_mut().destinations.get_mut(&key) {
+            destination.active_workers += 1;
+        }
+        shard.inflight.set(shard.inflight.get() + 1);
+        let worker_shard = shard.clone();
+        let spawned = glommio::spawn_local_into(
+            async move { worker(worker_shard, key).await },
+            shard.delivery_queue,
+        );
+        match spawned {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(error) => {
+                tracing::error!(core = shard.index, domain, %error, "delivery: worker failed to start");
+                return;
+            }
+        }
+    }
+}
+
+/// One connection's worth of deliveries to one destination.
+async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
+    let policy = shard.current_policy();
+    let mut connection: Option<Connection> = take_idle(&shard, &domain);
+    loop {
+        let item = {
+            let mut queue = shard.queue.borrow_mut();
+            let Some(destination) = queue.destinations.get_mut(&domain) else {
+                break;
+            };
+            if destination.held || shard.draining.get() {
+                break;
+            }
+            destination.ready.pop_front()
+        };
+        let Some(item) = item else {
+            break;
+        };
+        let Some((envelope, attempts)) = snapshot(&shard, &item) else {
+            continue;
+        };
+        let rule = policy.for_domain(&domain, envelope.lane).clone();
+        let now = now_us();
+        let lifetime_us = rule.max_queue_lifetime.as_micros() as u64;
+        let expires_at = envelope
+            .expires_at_us
+            .min(envelope.received_at_us.saturating_add(lifetime_us));
+        if now >= expires_at {
+            expire(&shard, &item, &envelope, &attempts, &rule);
+            continue;
+        }
+        let stored = match shard.spool.read_message(item.record) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "delivery: spool record unreadable; recipients stay pending");
+                unschedule(&shard, &item);
+                continue;
+            }
+        };
+        let results =
+            deliver_item(&shard, &domain, &rule, &envelope, &stored.body, &item, &mut connection)
+                .await;
+        record_results(&shard, &item, &envelope, &attempts, &stored.body, &rule, results);
+        if let Some(open) = &connection
+            && open.messages_sent() >= rule.max_messages_per_connection.max(1)
+        {
+            if let Some(done) = connection.take() {
+                done.quit().await;
+            }
+        }
+    }
+    if let Some(open) = connection {
+        if shard.draining.get() {
+            open.quit().await;
+        } else if let Some(destination) = shard.queue.borrow_mut().destinations.get_mut(&domain) {
+            destination.idle.push(IdleConnection {
+                connection: open,
+                idle_since: Instant::now(),
+            });
+        }
+    }
+    if let Some(destination) = shard.queue.borrow_mut().destinations.get_mut(&domain) {
+        destination.active_workers = destination.active_workers.saturating_sub(1);
+    }
+    shard.inflight.set(shard.inflight.get().saturating_sub(1));
+    // Work may have arrived while this worker was finishing.
+    dispatch(&shard, &domain);
+}
+
+fn take_idle(shard: &Shard, domain: &str) -> Option<Connection> {
+    let mut queue = shard.queue.borrow_mut();
+    let destination = queue.destinations.get_mut(domain)?;
+    destination.idle.pop().map(|idle| idle.connection)
+}
+
+/// The envelope and attempt counts of an item's recipients, or `None` when
+/// the message is gone (deleted by the operator meanwhile).
+fn snapshot(shard: &Shard, item: &WorkItem) -> Option<(Rc<Envelope>, Vec<u32>)> {
+    let queue = shard.queue.borrow();
+    let message = queue.messages.get(&item.record)?;
+    let attempts = item
+        .recipients
+        .iter()
+        .map(|index| message.attempts(*index as usize))
+        .collect();
+    Some((message.envelope.clone(), attempts))
+}
+
+fn unschedule(shard: &Shard, item: &WorkItem) {
+    let mut queue = shard.queue.borrow_mut();
+    if let Some(message) = queue.messages.get_mut(&item.record) {
+        for index in &item.recipients {
+            message.scheduled[*index as usize] = false;
+        }
+    }
+}
+
+/// What happened to one recipient in one attempt.
+enum Attempt {
+    Delivered(Reply),
+    Transient(Reply),
+    Permanent(Reply),
+    /// The pooled connection was stale; try again at once without
+    /// charging an attempt (RFC 5321 §3.8: a server may close an idle
+    /// connection with 421 at any time).
+    Retry,
+}
+
+/// The connection facts that go into the delivery log.
+#[derive(Default, Clone)]
+struct RemoteInfo {
+    host: Option<String>,
+    ip: Option<IpAddr>,
+    tls_version: Option<&'static str>,
+    tls_cipher: Option<String>,
+    tls_resumed: Option<bool>,
+}
+
+struct ItemResults {
+    per_recipient: Vec<Attempt>,
+    remote: RemoteInfo,
+}
+
+async fn deliver_item(
+    shard: &Rc<Shard>,
+    domain: &str,
+    rule: &EffectiveRule,
+    envelope: &Envelope,
+    body: &[u8],
+    item: &WorkItem,
+    connection: &mut Option<Connection>,
+) -> ItemResults {
+    let recipients: Vec<OutboundRecipient<'_>> = item
+        .recipients
+        .iter()
+        .map(|index| {
+            let recipient = &envelope.recipients[*index as usize];
+            OutboundRecipient {
+                address: &recipient.address,
+                notify: recipient.notify,
+                orcpt: recipient.orcpt.as_deref(),
+            }
+        })
+        .collect();
+    let message = OutboundMessage {
+        sender: &envelope.sender,
+        recipients: &recipients,
+        body,
+        body_8bit: envelope.body_8bit,
+        smtputf8: envelope.smtputf8,
+        envid: envelope.envid.as_deref(),
+        ret: envelope.ret,
+    };
+    // A stale pooled connection is replaced once; a second failure counts.
+    for _ in 0..2 {
+        if let Some(open) = connection.as_mut()
+            && open.messages_sent() > 0
+            && let Err(error) = open.reset().await
+        {
+            tracing::debug!(core = shard.index, domain, %error, "delivery: pooled connection was stale; reconnecting");
+            *connection = None;
+        }
+        if connection.is_none() {
+            match connect(shard, domain, rule, envelope.lane).await {
+                Ok(open) => *connection = Some(open),
+                Err(failure) => {
+                    let per_recipient = item
+                        .recipients
+                        .iter()
+                        .map(|_| failure.to_attempt())
+                        .collect();
+                    return ItemResults {
+                        per_recipient,
+                        remote: failure.remote,
+                    };
+                }
+            }
+        }
+        let Some(open) = connection.as_mut() else {
+            continue;
+        };
+        let remote = remote_info(open);
+        match open.send(&message).await {
+            Ok(results) => {
+                let per_recipient = results
+                    .into_iter()
+                    .map(|result| match result {
+                        RecipientResult::Delivered(reply) => Attempt::Delivered(reply),
+                        RecipientResult::Transient(reply) => Attempt::Transient(reply),
+                        RecipientResult::Permanent(reply) => Attempt::Permanent(reply),
+                    })
+                    .collect();
+                return ItemResults {
+                    per_recipient,
+                    remote,
+                };
+            }
+            Err(SessionError::Stale) => {
+                *connection = None;
+                continue;
+            }
+            Err(error) => {
+                *connection = None;
+                let reply = error.reply();
+                let permanent = error.is_permanent();
+                let per_recipient = item
+                    .recipients
+                    .iter()
+                    .map(|_| {
+                        if permanent {
+                            Attempt::Permanent(reply.clone())
+                        } else {
+                            Attempt::Transient(reply.clone())
+                        }
+                    })
+                    .collect();
+                return ItemResults {
+                    per_recipient,
+                    remote,
+                };
+            }
+        }
+    }
+    ItemResults {
+        per_recipient: item.recipients.iter().map(|_| Attempt::Retry).collect(),
+        remote: RemoteInfo::default(),
+    }
+}
+
+fn remote_info(connection: &Connection) -> RemoteInfo {
+    let tls = connection.tls();
+    RemoteInfo {
+        host: Some(connection.remote_host().to_string()),
+        ip: Some(connection.remote_addr().ip()),
+        tls_version: Some(tls.map_or("none", |info| info.version)),
+        tls_cipher: tls.map(|info| info.cipher.clone()),
+        tls_resumed: tls.map(|info| info.resumed),
+    }
+}
+
+/// Why no connection could be opened.
+struct ConnectFailure {
+    reply: Reply,
+    permanent: bool,
+    remote: RemoteInfo,
+}
+
+impl ConnectFailure {
+    fn to_attempt(&self) -> Attempt {
+        if self.permanent {
+            Attempt::Permanent(self.reply.clone())
+        } else {
+            Attempt::Transient(self.reply.clone())
+        }
+    }
+}
+
+/// The hosts to try for a destination, in order: the policy route, or the
+/// MX targets (RFC 5321 §5.1).
+async fn targets(
+    shard: &Shard,
+    domain: &str,
+    rule: &EffectiveRule,
+) -> Result<Vec<(String, Vec<SocketAddr>)>, ConnectFailure> {
+    let port = shard.config.delivery.smtp_port;
+    let dns_failure = |error: DnsError, name: &str| ConnectFailure {
+        reply: error.reply(name),
+        permanent: error.is_permanent(),
+        remote: RemoteInfo::default(),
+    };
+    match &rule.route {
+        Some(Route::Addr(addr)) => Ok(vec![(addr.ip().to_string(), vec![*addr])]),
+        Some(Route::Host { host, port }) => {
+            let addrs = shard
+                .resolver
+                .resolve_host(host)
+                .await
+                .map_err(|error| dns_failure(error, host))?;
+            Ok(vec![(
+                host.clone(),
+                addrs.into_iter().map(|ip| SocketAddr::new(ip, *port)).collect(),
+            )])
+        }
+        None => {
+            let mx = shard
+                .resolver
+                .resolve_mx(domain)
+                .await
+                .map_err(|error| dns_failure(error, domain))?;
+            let mut list = Vec::new();
+            let mut last_error = None;
+            for target in mx {
+                match target.addrs {
+                    Ok(addrs) => list.push((
+                        target.host,
+                        addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(),
+                    )),
+                    Err(error) => last_error = Some((error, target.host)),
+                }
+            }
+            if list.is_empty() {
+                let (error, host) = last_error.unwrap_or((
+                    DnsError::Temporary("no usable MX host".into()),
+                    domain.to_string(),
+                ));
+                return Err(dns_failure(error, &host));
+            }
+            Ok(list)
+        }
+    }
+}
+
+async fn connect(
+    shard: &Rc<Shard>,
+    domain: &str,
+    rule: &EffectiveRule,
+    lane: Lane,
+) -> Result<Connection, ConnectFailure> {
+    let targets = targets(shard, domain, rule).await?;
+    let lane_config = shard.config.lanes.get(lane);
+    let source = if lane_config.source_addresses.is_empty() {
+        None
+    } else {
+        let cursor = shard.source_cursor.get();
+        shard.source_cursor.set(cursor.wrapping_add(1));
+        Some(lane_config.source_addresses[cursor % lane_config.source_addresses.len()])
+    };
+    let helo = lane_config
+        .helo_name
+        .clone()
+        .unwrap_or_else(|| shard.config.hostname.clone());
+    let mut last: Option<(SessionError, RemoteInfo)> = None;
+    for (host, addrs) in &targets {
+        for addr in addrs {
+            let params = ConnectParams {
+                mx_host: host,
+                addr: *addr,
+                source,
+                helo: &helo,
+                tls_mode: rule.tls,
+                timeouts: &shard.config.delivery,
+            };
+            match Connection::open(&shard.tls, &params).await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => {
+                    tracing::info!(core = shard.index, domain, host = host.as_str(), %addr, %error, "delivery: connection failed; trying the next host");
+                    let remote = RemoteInfo {
+                        host: Some(host.clone()),
+                        ip: Some(addr.ip()),
+                        ..RemoteInfo::default()
+                    };
+                    let try_next = error.try_next_mx();
+                    last = Some((error, remote));
+                    if !try_next {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    match last {
+        Some((error, remote)) => Err(ConnectFailure {
+            reply: error.reply(),
+            permanent: error.is_permanent(),
+            remote,
+        }),
+        None => Err(ConnectFailure {
+            reply: Reply::new(
+                451,
+                EnhancedStatus::new(4, 4, 4),
+                format!("no usable address for {domain}"),
+            ),
+            permanent: false,
+            remote: RemoteInfo::default(),
+        }),
+    }
+}
+
+/// Applies the results of one attempt: durable outcome records, log lines,
+/// retry timers and at most one DSN for the failures.
+fn record_results(
+    shard: &Rc<Shard>,
+    item: &WorkItem,
+    envelope: &Rc<Envelope>,
+    attempts: &[u32],
+    body: &[u8],
+    rule: &EffectiveRule,
+    results: ItemResults,
+) {
+    let now = now_us();
+    let id = envelope.message_id.to_string();
+    let remote = &results.remote;
+    let mut failed: Vec<(u32, Reply, u32, bool)> = Vec::new();
+    let mut relayed: Vec<(u32, Reply, u32, bool)> = Vec::new();
+    let mut retry_now = Vec::new();
+    let mut deferred_until: Option<u64> = None;
+    let lifetime_us = rule.max_queue_lifetime.as_micros() as u64;
+    let expires_at = envelope
+        .expires_at_us
+        .min(envelope.received_at_us.saturating_add(lifetime_us));
+
+    for ((position, index), attempt) in item
+        .recipients
+        .iter()
+        .enumerate()
+        .zip(results.per_recipient.into_iter())
+    {
+        let recipient = &envelope.recipients[*index as usize];
+        let attempt_number = attempts[position] + 1;
+        let (event, state, outcome, reply) = match attempt {
+            Attempt::Retry => {
+                retry_now.push(*index);
+                continue;
+            }
+            Attempt::Delivered(reply) => {
+                if recipient.notify & notify::SUCCESS != 0 {
+                    relayed.push((*index, reply.clone(), attempt_number, false));
+                }
+                (
+                    Event::Delivered,
+                    RecipientState::Delivered,
+                    Outcome::Delivered,
+                    reply,
+                )
+            }
+            Attempt::Permanent(reply) => {
+                failed.push((*index, reply.clone(), attempt_number, false));
+                (Event::Bounced, RecipientState::Bounced, Outcome::Bounced, reply)
+            }
+            Attempt::Transient(reply) => {
+                let delay = retry_delay(&rule.retry_schedule, attempt_number);
+                let next = now.saturating_add(delay.as_micros() as u64);
+                if next >= expires_at {
+                    failed.push((*index, reply.clone(), attempt_number, true));
+                    (Event::Expired, RecipientState::Expired, Outcome::Expired, reply)
+                } else {
+                    deferred_until = Some(deferred_until.map_or(next, |current| current.min(next)));
+                    (
+                        Event::Deferred,
+                        RecipientState::Pending {
+                            attempts: attempt_number,
+                            next_attempt_us: next,
+                        },
+                        Outcome::Deferred {
+                            next_attempt_us: next,
+                        },
+                        reply,
+                    )
+                }
+            }
+        };
+        // Failures (bounce DSNs) are appended below, before their outcome
+        // records, so that a durable bounce always has its DSN.
+        if matches!(event, Event::Bounced | Event::Expired) {
+            continue;
+        }
+        apply_outcome(shard, item.record, *index, state, outcome, attempt_number);
+        log_attempt(shard, &id, envelope, recipient, event, &reply, attempt_number, remote, state);
+    }
+
+    if !failed.is_empty() {
+        send_dsn(shard, envelope, body, &failed, DsnAction::Failed, remote);
+        for (index, reply, attempt_number, expired) in &failed {
+            let recipient = &envelope.recipients[*index as usize];
+            let (event, state, outcome) = if *expired {
+                (Event::Expired, RecipientState::Expired, Outcome::Expired)
+            } else {
+                (Event::Bounced, RecipientState::Bounced, Outcome::Bounced)
+            };
+            apply_outcome(shard, item.record, *index, state, outcome, *attempt_number);
+            log_attempt(shard, &id, envelope, recipient, event, reply, *attempt_number, remote, state);
+        }
+    }
+    if !relayed.is_empty() {
+        send_dsn(shard, envelope, body, &relayed, DsnAction::Relayed, remote);
+    }
+
+    let mut queue = shard.queue.borrow_mut();
+    let domain: Option<Rc<str>> = item
+        .recipients
+        .first()
+        .map(|index| queue.intern(&envelope.recipients[*index as usize].domain));
+    let Some(message) = queue.messages.get_mut(&item.record) else {
+        return;
+    };
+    for index in &item.recipients {
+        if !retry_now.contains(index) {
+            message.scheduled[*index as usize] = false;
+        }
+    }
+    let final_now = message.is_final();
+    if final_now {
+        queue.messages.remove(&item.record);
+        drop(queue);
+        shard.spool.release(item.record);
+        return;
+    }
+    if let Some(domain) = domain {
+        if !retry_now.is_empty() {
+            let destination = queue.destinations.entry(domain.clone()).or_default();
+            destination.ready.push_back(WorkItem {
+                record: item.record,
+                recipients: retry_now,
+            });
+        }
+        if let Some(due_us) = deferred_until {
+            queue.deferrals.push(std::cmp::Reverse(super::queue::Deferral {
+                due_us,
+                record: item.record,
+                domain,
+            }));
+        }
+    }
+}
+
+fn apply_outcome(
+    shard: &Shard,
+    record: RecordRef,
+    index: u32,
+    state: RecipientState,
+    outcome: Outcome,
+    attempts: u32,
+) {
+    if let Err(error) = shard.spool.append_outcome(record, index, outcome, attempts) {
+        // The outcome stays in memory; after a restart the recipient is
+        // pending again and may be delivered twice, never lost.
+        tracing::error!(core = shard.index, ?record, recipient = index, %error, "delivery: outcome record failed to append");
+    }
+    let mut queue = shard.queue.borrow_mut();
+    if let Some(message) = queue.messages.get_mut(&record) {
+        message.states[index as usize] = state;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_attempt(
+    shard: &Shard,
+    id: &str,
+    envelope: &Envelope,
+    recipient: &Recipient,
+    event: Event,
+    reply: &Reply,
+    attempt: u32,
+    remote: &RemoteInfo,
+    state: RecipientState,
+) {
+    let mut entry = Entry::new(event, id, envelope.lane, envelope.category, envelope.received_at_us);
+    entry.recipient = Some(shard.log.recipient_field(&recipient.address));
+    entry.remote_host = remote.host.as_deref();
+    entry.remote_ip = remote.ip.map(|ip| ip.to_string());
+    entry.reply_code = Some(reply.code);
+    entry.reply = Some(reply.to_diagnostic());
+    entry.tls_version = remote.tls_version;
+    entry.tls_cipher = remote.tls_cipher.as_deref();
+    entry.tls_resumed = remote.tls_resumed;
+    entry.attempt = Some(attempt);
+    if let RecipientState::Pending {
+        next_attempt_us, ..
+    } = state
+    {
+        entry.next_attempt_us = Some(next_attempt_us);
+    }
+    shard.log.write(&entry);
+}
+
+/// The delay before attempt `attempt_number + 1`: the schedule's entry for
+/// this attempt (its last entry repeats), plus up to 20% random jitter so
+/// that a burst of deferrals does not retry in lockstep.
+pub fn retry_delay(schedule: &[Duration], attempt_number: u32) -> Duration {
+    let base = schedule
+        .get((attempt_number as usize).saturating_sub(1))
+        .or(schedule.last())
+        .copied()
+        .unwrap_or(Duration::from_secs(300));
+    let jitter_fraction: f64 = rand::thread_rng().gen_range(0.0..0.2);
+    base + base.mul_f64(jitter_fraction)
+}
+
+fn expire(
+    shard: &Rc<Shard>,
+    item: &WorkItem,
+    envelope: &Rc<Envelope>,
+    attempts: &[u32],
+    rule: &EffectiveRule,
+) {
+    let reply = Reply::new(
+        451,
+        EnhancedStatus::new(4, 4, 7),
+        "delivery time expired before the message could be delivered",
+    );
+    let results = ItemResults {
+        per_recipient: item
+            .recipients
+            .iter()
+            .map(|_| Attempt::Transient(reply.clone()))
+            .collect(),
+        remote: RemoteInfo::default(),
+    };
+    // With a zero lifetime every transient result is past expiry, so
+    // `record_results` turns each into an expired recipient with a DSN.
+    let mut expired_rule = rule.clone();
+    expired_rule.max_queue_lifetime = Duration::ZERO;
+    let body = shard
+        .spool
+        .read_message(item.record)
+        .map(|stored| stored.body)
+        .unwrap_or_default();
+    record_results(shard, item, envelope, attempts, &body, &expired_rule, results);
+}
+
+/// Queues a DSN to the envelope sender for the given recipients, unless the
+/// sender is null (RFC 5321 §4.5.5: never notify about a notification) or
+/// the recipients asked for none (RFC 3461 §4.1).
+fn send_dsn(
+    shard: &Rc<Shard>,
+    envelope: &Envelope,
+    body: &[u8],
+    recipients: &[(u32, Reply, u32, bool)],
+    action: DsnAction,
+    remote: &RemoteInfo,
+) {
+    if envelope.sender.is_empty() {
+        return;
+    }
+    let wanted: Vec<&(u32, Reply, u32, bool)> = recipients
+        .iter()
+        .filter(|(index, _, _, _)| {
+            let notify_bits = envelope.recipients[*index as usize].notify;
+            match action {
+                DsnAction::Failed => {
+                    notify_bits == 0 || notify_bits & notify::FAILURE != 0
+                }
+                _ => notify_bits & notify::SUCCESS != 0,
+            }
+        })
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let now = now_us();
+    let diagnostics: Vec<String> = wanted
+        .iter()
+        .map(|(_, reply, _, _)| reply.to_diagnostic())
+        .collect();
+    let remote_mta = remote.host.clone();
+    let dsn_recipients: Vec<DsnRecipient<'_>> = wanted
+        .iter()
+        .zip(diagnostics.iter())
+        .map(|((index, reply, _, expired), diagnostic)| {
+            let recipient = &envelope.recipients[*index as usize];
+            // RFC 3463 X.4.7: the message's lifetime ran out.
+            let status = if *expired {
+                EnhancedStatus::new(5, 4, 7)
+            } else {
+                reply.status.unwrap_or(if reply.is_permanent() {
+                    EnhancedStatus::new(5, 0, 0)
+                } else {
+                    EnhancedStatus::new(4, 0, 0)
+                })
+            };
+            DsnRecipient {
+                final_recipient: &recipient.address,
+                original_recipient: recipient.orcpt.as_deref(),
+                action,
+                status,
+                remote_mta: remote_mta.as_deref(),
+                diagnostic: Some(diagnostic.as_str()),
+                last_attempt_unix_us: Some(now),
+                will_retry_until_unix_us: None,
+            }
+        })
+        .collect();
+    let dsn = build_dsn(&DsnInput {
+        reporting_mta: &shard.config.hostname,
+        sender: &envelope.sender,
+        envid: envelope.envid.as_deref(),
+        arrival_unix_us: envelope.received_at_us,
+        recipients: &dsn_recipients,
+        original: body,
+        ret: envelope.ret,
+        smtputf8: envelope.smtputf8,
+    });
+    let lifetime_us = shard
+        .config
+        .lanes
+        .get(envelope.lane)
+        .max_queue_lifetime
+        .get()
+        .as_micros() as u64;
+    let sender_domain = envelope
+        .sender
+        .rsplit_once('@')
+        .map(|(_, domain)| domain.trim_end_matches('>').to_ascii_lowercase())
+        .unwrap_or_default();
+    let notification = Envelope {
+        message_id: MessageId(rand::random()),
+        received_at_us: now,
+        expires_at_us: now.saturating_add(lifetime_us),
+        lane: envelope.lane,
+        category: caduceus_policy::Category::Transactional,
+        sender: String::new(),
+        envid: None,
+        ret: None,
+        body_8bit: dsn.iter().any(|byte| *byte >= 0x80),
+        smtputf8: envelope.smtputf8,
+        peer_uid: envelope.peer_uid,
+        peer_gid: envelope.peer_gid,
+        peer_pid: envelope.peer_pid,
+        recipients: vec![Recipient {
+            address: envelope.sender.clone(),
+            domain: idna::domain_to_ascii(&sender_domain).unwrap_or(sender_domain),
+            notify: notify::NEVER,
+            orcpt: None,
+        }],
+    };
+    match shard.spool.append_message(&notification, &dsn) {
+        Ok((record, _seq)) => {
+            let id = notification.message_id.to_string();
+            let mut entry = Entry::new(
+                Event::Received,
+                &id,
+                notification.lane,
+                notification.category,
+                now,
+            );
+            entry.recipients = Some(1);
+            entry.size_bytes = Some(dsn.len());
+            entry.note = Some(match action {
+                DsnAction::Failed => "dsn failed",
+                _ => "dsn relayed",
+            });
+            shard.log.write(&entry);
+            let states = vec![RecipientState::Pending {
+                attempts: 0,
+                next_attempt_us: now,
+            }];
+            let ready = shard.queue.borrow_mut().insert(
+                record,
+                QueuedMessage::new(Rc::new(notification), states),
+                now,
+            );
+            for domain in ready {
+                dispatch(shard, &domain);
+            }
+        }
+        Err(error) => {
+            tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "delivery: DSN could not be queued; the sender gets no notification");
+        }
+    }
+}
+
+/// Runs deferral timers, closes idle connections past their timeout and
+/// checks the disk reserve.
+pub async fn scheduler(shard: Rc<Shard>) {
+    let idle_timeout = shard.config.delivery.idle_timeout.get();
+    let mut last_reserve_check = Instant::now() - Duration::from_secs(10);
+    loop {
+        let now = now_us();
+        let ready = shard.queue.borrow_mut().release_due(now);
+        for domain in ready {
+            dispatch(&shard, &domain);
+        }
+        let expired: Vec<Connection> = {
+            let mut queue = shard.queue.borrow_mut();
+            let mut closing = Vec::new();
+            for destination in queue.destinations.values_mut() {
+                let mut index = 0;
+                while index < destination.idle.len() {
+                    if destination.idle[index].idle_since.elapsed() >= idle_timeout {
+                        closing.push(destination.idle.swap_remove(index).connection);
+                    } else {
+                        index += 1;
+                    }
+                }
+            }
+            closing
+        };
+        for connection in expired {
+            glommio::spawn_local(connection.quit()).detach();
+        }
+        if last_reserve_check.elapsed() >= Duration::from_secs(1) {
+            last_reserve_check = Instant::now();
+            check_reserve(&shard);
+        }
+        let sleep_us = shard
+            .queue
+            .borrow()
+            .next_due_us()
+            .map_or(100_000, |due| due.saturating_sub(now_us()).clamp(1_000, 100_000));
+        glommio::timer::sleep(Duration::from_micros(sleep_us)).await;
+    }
+}
+
+fn check_reserve(shard: &Shard) {
+    let dir = shard.config.spool_dir();
+    match nix::sys::statvfs::statvfs(&dir) {
+        Ok(stat) => {
+            let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+            let below = free < shard.config.spool.reserve_bytes;
+            if below != shard.below_reserve.get() {
+                if below {
+                    tracing::warn!(core = shard.index, free_bytes = free, reserve_bytes = shard.config.spool.reserve_bytes, "spool: free space below the reserve; ingress answers 452 4.3.1 until space is freed");
+                } else {
+                    tracing::info!(core = shard.index, free_bytes = free, "spool: free space above the reserve again; ingress resumes");
+                }
+                shard.below_reserve.set(below);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(core = shard.index, %error, dir = %dir.display(), "spool: statvfs failed; disk reserve not checked");
+        }
+    }
+}
+
+/// Closes every pooled connection, for shutdown.
+pub async fn close_idle(shard: &Rc<Shard>) {
+    let connections: Vec<Connection> = {
+        let mut queue = shard.queue.borrow_mut();
+        queue
+            .destinations
+            .values_mut()
+            .flat_map(|destination| destination.idle.drain(..).map(|idle| idle.connection))
+            .collect()
+    };
+    for connection in connections {
+        connection.quit().await;
+    }
+}
+
+/// Deletes every pending recipient of a destination without a DSN (operator
+/// command). Recipients with a delivery in flight are left alone.
+pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
+    // Ready items leave their queue first, so that their recipients are
+    // deleted too; only deliveries already in flight keep theirs.
+    let ready: Vec<WorkItem> = shard
+        .queue
+        .borrow_mut()
+        .destinations
+        .get_mut(domain)
+        .map(|destination| destination.ready.drain(..).collect())
+        .unwrap_or_default();
+    for item in &ready {
+        unschedule(shard, item);
+    }
+    let mut targets: Vec<(RecordRef, Vec<u32>, Rc<Envelope>)> = Vec::new();
+    {
+        let queue = shard.queue.borrow();
+        for (record, message) in &queue.messages {
+            let indexes: Vec<u32> = message
+                .envelope
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(index, recipient)| {
+                    recipient.domain == domain
+                        && !message.scheduled[*index]
+                        && matches!(message.states[*index], RecipientState::Pending { .. })
+                })
+                .map(|(index, _)| index as u32)
+                .collect();
+            if !indexes.is_empty() {
+                targets.push((*record, indexes, message.envelope.clone()));
+            }
+        }
+    }
+    let mut count = 0;
+    for (record, indexes, envelope) in targets {
+        let id = envelope.message_id.to_string();
+        for index in indexes {
+            let attempts = shard
+                .queue
+                .borrow()
+                .messages
+                .get(&record)
+                .map_or(0, |message| message.attempts(index as usize));
+            apply_outcome(shard, record, index, RecipientState::Bounced, Outcome::Bounced, attempts);
+            let mut entry = Entry::new(Event::Deleted, &id, envelope.lane, envelope.category, envelope.received_at_us);
+            entry.recipient = Some(shard.log.recipient_field(&envelope.recipients[index as usize].address));
+            entry.note = Some("deleted by operator");
+            shard.log.write(&entry);
+            count += 1;
+        }
+        let final_now = shard
+            .queue
+            .borrow()
+            .messages
+            .get(&record)
+            .is_some_and(QueuedMessage::is_final);
+        if final_now {
+            shard.queue.borrow_mut().messages.remove(&record);
+            shard.spool.release(record);
+        }
+    }
+    count
+}

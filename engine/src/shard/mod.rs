@@ -1,0 +1,342 @@
+//! One core's share of the engine: its spool shard, its queue, its
+//! connections and its submission sockets.
+//!
+//! Everything here runs on one glommio executor pinned to one CPU. State is
+//! shared between that executor's tasks through `Rc` and `RefCell`; a
+//! `RefCell` borrow is never held across an `.await`.
+
+mod admission;
+mod deliver;
+pub mod queue;
+
+use std::cell::{Cell, RefCell};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use caduceus_policy::config::Config;
+use caduceus_policy::{Lane, Policy, SiteKey};
+use caduceus_spool::{Keyring, RecordRef, Shard as SpoolShard, SpoolOptions};
+use glommio::{Latency, Shares, TaskQueueHandle};
+
+use crate::control::{ControlCommand, ControlRequest};
+use crate::cores::ExecutorSpec;
+use crate::deliverylog::{DeliveryLog, now_us};
+use crate::dns::Resolver;
+use crate::outbound::TlsContext;
+use crate::policy_swap::PolicyCell;
+use queue::{Queue, QueuedMessage};
+
+/// Everything an executor needs to start, built on the main thread.
+pub struct ShardSetup {
+    pub spec: ExecutorSpec,
+    pub config: Arc<Config>,
+    pub policy: Arc<PolicyCell>,
+    pub keyring: Option<Keyring>,
+    pub site_key: SiteKey,
+    /// The submission sockets this executor accepts on, one per lane.
+    pub listeners: Vec<(Lane, UnixListener)>,
+    pub control: crossbeam_channel::Receiver<ControlRequest>,
+    pub shutdown: Arc<AtomicBool>,
+    /// Destinations held by the operator when the engine started.
+    pub holds: Vec<String>,
+}
+
+/// The shared state of one executor.
+pub struct Shard {
+    pub index: u16,
+    pub config: Arc<Config>,
+    pub policy: Arc<PolicyCell>,
+    pub spool: Rc<SpoolShard>,
+    pub resolver: Rc<Resolver>,
+    pub tls: Rc<TlsContext>,
+    pub log: Rc<DeliveryLog>,
+    pub queue: RefCell<Queue>,
+    pub hostname: Rc<str>,
+    /// Deliveries in flight on this executor, all destinations together.
+    pub inflight: Cell<u32>,
+    /// Set when SIGTERM arrives: no new deliveries start.
+    pub draining: Cell<bool>,
+    /// Set when free disk space falls below `spool.reserve_bytes`.
+    pub below_reserve: Cell<bool>,
+    /// Rotates through each lane's source addresses.
+    pub source_cursor: Cell<usize>,
+    pub delivery_queue: TaskQueueHandle,
+}
+
+/// Runs one executor until shutdown. Called inside the executor. Sends
+/// `Ok(())` on `ready` once the spool is recovered and the sockets accept,
+/// or the error that stopped the start.
+pub async fn run_with_ready(
+    setup: ShardSetup,
+    ready: crossbeam_channel::Sender<Result<(), String>>,
+) -> Result<(), String> {
+    let index = setup.spec.index;
+    let started = match start(setup).await {
+        Ok(started) => started,
+        Err(error) => {
+            let _ = ready.send(Err(error.clone()));
+            return Err(error);
+        }
+    };
+    tracing::debug!(core = index, "core: start reported");
+    let _ = ready.send(Ok(()));
+    serve(started).await
+}
+
+struct Started {
+    shard: Rc<Shard>,
+    listeners: Vec<(Lane, UnixListener)>,
+    control: crossbeam_channel::Receiver<ControlRequest>,
+    shutdown: Arc<AtomicBool>,
+}
+
+async fn start(setup: ShardSetup) -> Result<Started, String> {
+    let ShardSetup {
+        spec,
+        config,
+        policy,
+        keyring,
+        site_key,
+        listeners,
+        control,
+        shutdown,
+        holds,
+    } = setup;
+    let started = std::time::Instant::now();
+    let options = SpoolOptions {
+        dir: config.spool_dir(),
+        shard: spec.index,
+        segment_size_bytes: config.spool.segment_size_bytes,
+        commit_max_wait: config.spool.commit_max_wait.get(),
+        commit_max_batch: config.spool.commit_max_batch,
+        keyring,
+        reserve_bytes: config.spool.reserve_bytes,
+    };
+    let (spool, recovered, report) = SpoolShard::open(options)
+        .await
+        .map_err(|error| format!("core {}: spool shard failed to open: {error}", spec.index))?;
+    tracing::info!(
+        core = spec.index,
+        cpu = spec.cpu,
+        lanes = ?spec.lanes,
+        messages = recovered.len(),
+        records = report.records,
+        quarantined = report.quarantined.len(),
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "core: spool recovered"
+    );
+    let resolver = Resolver::new(&config.dns)
+        .map_err(|error| format!("core {}: resolver setup failed: {error}", spec.index))?;
+    let tls = TlsContext::new(config.tls.ca_file.as_deref(), config.tls.session_resumption)
+        .map_err(|error| format!("core {}: TLS setup failed: {error}", spec.index))?;
+    let log_path = config.log_dir().join("delivery.log");
+    let log = DeliveryLog::open(&log_path, config.recipient_logging, site_key).map_err(|error| {
+        format!(
+            "core {}: delivery log {} failed to open: {error}",
+            spec.index,
+            log_path.display()
+        )
+    })?;
+    let transactional = spec.lanes.contains(&Lane::Transactional);
+    let latency = if transactional {
+        Latency::Matters(Duration::from_millis(1))
+    } else {
+        Latency::NotImportant
+    };
+    let delivery_queue =
+        glommio::executor().create_task_queue(Shares::default(), latency, "delivery");
+    let shard = Rc::new(Shard {
+        index: spec.index,
+        hostname: Rc::from(config.hostname.as_str()),
+        config: config.clone(),
+        policy,
+        spool,
+        resolver: Rc::new(resolver),
+        tls: Rc::new(tls),
+        log: Rc::new(log),
+        queue: RefCell::new(Queue::default()),
+        inflight: Cell::new(0),
+        draining: Cell::new(false),
+        below_reserve: Cell::new(false),
+        source_cursor: Cell::new(0),
+        delivery_queue,
+    });
+    {
+        let mut queue = shard.queue.borrow_mut();
+        for domain in holds {
+            let key = queue.intern(&domain);
+            if let Some(destination) = queue.destinations.get_mut(&key) {
+                destination.held = true;
+            }
+        }
+        let now = now_us();
+        for message in recovered {
+            let envelope = Rc::new(message.envelope);
+            queue.insert(message.record, QueuedMessage::new(envelope, message.states), now);
+        }
+    }
+    tracing::info!(
+        core = spec.index,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "core: ready"
+    );
+    Ok(Started {
+        shard,
+        listeners,
+        control,
+        shutdown,
+    })
+}
+
+async fn serve(started: Started) -> Result<(), String> {
+    let Started {
+        shard,
+        listeners,
+        control,
+        shutdown,
+    } = started;
+    let config = shard.config.clone();
+
+    let ingress_stop = Rc::new(crate::ingress::Shutdown::new());
+    let mut servers = Vec::new();
+    for (lane, listener) in listeners {
+        let admission = Rc::new(admission::ShardAdmission {
+            shard: shard.clone(),
+        });
+        let lane_config = Rc::new(config.lanes.get(lane).clone());
+        let ingress_config = Rc::new(config.ingress.clone());
+        let hostname = shard.hostname.clone();
+        let stop = ingress_stop.clone();
+        servers.push(glommio::spawn_local(async move {
+            crate::ingress::serve_socket(
+                listener,
+                lane,
+                lane_config,
+                ingress_config,
+                hostname,
+                admission,
+                stop,
+            )
+            .await
+        }));
+    }
+
+    deliver::dispatch_all(&shard);
+    let scheduler = glommio::spawn_local(deliver::scheduler(shard.clone())).detach();
+
+    // The control loop: operator commands, the shutdown flag and the log
+    // flush all run on one 20 ms tick.
+    loop {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        shard.log.flush();
+        while let Ok(request) = control.try_recv() {
+            handle_control(&shard, request);
+        }
+        if shutdown.load(Ordering::Acquire) {
+            break;
+        }
+    }
+
+    tracing::info!(core = shard.index, "core: draining");
+    ingress_stop.trigger();
+    for server in servers {
+        if let Err(error) = server.await {
+            tracing::warn!(core = shard.index, %error, "core: ingress ended with an error");
+        }
+    }
+    shard.draining.set(true);
+    let drain_deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while shard.inflight.get() > 0 && std::time::Instant::now() < drain_deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    if shard.inflight.get() > 0 {
+        tracing::warn!(
+            core = shard.index,
+            inflight = shard.inflight.get(),
+            "core: deliveries still in flight after 30 s; they stay pending and are retried after restart"
+        );
+    }
+    scheduler.cancel();
+    deliver::close_idle(&shard).await;
+    shard.log.flush();
+    shard
+        .spool
+        .close()
+        .await
+        .map_err(|error| format!("core {}: final spool sync failed: {error}", shard.index))?;
+    tracing::info!(core = shard.index, "core: stopped");
+    Ok(())
+}
+
+fn handle_control(shard: &Rc<Shard>, request: ControlRequest) {
+    let now = now_us();
+    let response = match &request.command {
+        ControlCommand::QueueList => {
+            let rows = shard.queue.borrow().summary();
+            let destinations: Vec<serde_json::Value> = rows
+                .into_iter()
+                .map(|(domain, pending, held)| {
+                    serde_json::json!({"destination": domain, "pending": pending, "held": held})
+                })
+                .collect();
+            serde_json::json!({"core": shard.index, "destinations": destinations})
+        }
+        ControlCommand::Hold(domain) => {
+            let mut queue = shard.queue.borrow_mut();
+            let key = queue.intern(domain);
+            if let Some(destination) = queue.destinations.get_mut(&key) {
+                destination.held = true;
+            }
+            serde_json::json!({"core": shard.index})
+        }
+        ControlCommand::Release(domain) => {
+            {
+                let mut queue = shard.queue.borrow_mut();
+                let key = queue.intern(domain);
+                if let Some(destination) = queue.destinations.get_mut(&key) {
+                    destination.held = false;
+                }
+            }
+            deliver::dispatch(shard, domain);
+            serde_json::json!({"core": shard.index})
+        }
+        ControlCommand::Requeue(domain) => {
+            let count = shard.queue.borrow_mut().requeue_domain(domain, now);
+            let ready = shard.queue.borrow_mut().release_due(now);
+            for domain in ready {
+                deliver::dispatch(shard, &domain);
+            }
+            serde_json::json!({"core": shard.index, "requeued": count})
+        }
+        ControlCommand::Delete(domain) => {
+            let count = deliver::delete_domain(shard, domain);
+            serde_json::json!({"core": shard.index, "deleted": count})
+        }
+    };
+    // The requester may have given up waiting; a closed reply channel is
+    // not an error here.
+    let _ = request.reply.send(response);
+}
+
+/// Where the spool keeps its files, for `caduceus spool` commands.
+pub fn spool_dir(config: &Config) -> PathBuf {
+    config.spool_dir()
+}
+
+impl Shard {
+    pub fn lane_of(&self, record: &RecordRef) -> Option<Lane> {
+        self.queue
+            .borrow()
+            .messages
+            .get(record)
+            .map(|message| message.envelope.lane)
+    }
+
+    pub fn current_policy(&self) -> Arc<Policy> {
+        self.policy.load()
+    }
+}

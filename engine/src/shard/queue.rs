@@ -1,0 +1,255 @@
+//! The in-memory queue of one core: every message its spool shard holds
+//! with pending recipients, grouped by destination.
+//!
+//! The queue is rebuilt from the spool at start, so nothing here needs to be
+//! durable. It is owned by one executor thread and never shared.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Instant;
+
+use caduceus_spool::{Envelope, RecipientState, RecordRef};
+
+use crate::outbound::Connection;
+
+/// A message with at least one recipient that is not final.
+pub struct QueuedMessage {
+    pub envelope: Rc<Envelope>,
+    pub states: Vec<RecipientState>,
+    /// True while the recipient sits in a ready queue or a delivery is in
+    /// flight, so that a deferral timer never schedules it twice.
+    pub scheduled: Vec<bool>,
+}
+
+impl QueuedMessage {
+    pub fn new(envelope: Rc<Envelope>, states: Vec<RecipientState>) -> Self {
+        let count = states.len();
+        QueuedMessage {
+            envelope,
+            states,
+            scheduled: vec![false; count],
+        }
+    }
+
+    pub fn is_final(&self) -> bool {
+        self.states
+            .iter()
+            .all(|state| !matches!(state, RecipientState::Pending { .. }))
+    }
+
+    pub fn attempts(&self, index: usize) -> u32 {
+        match self.states[index] {
+            RecipientState::Pending { attempts, .. } => attempts,
+            _ => 0,
+        }
+    }
+}
+
+/// Recipients of one message bound for one destination.
+#[derive(Clone, Debug)]
+pub struct WorkItem {
+    pub record: RecordRef,
+    pub recipients: Vec<u32>,
+}
+
+/// A pooled connection and when it went idle.
+pub struct IdleConnection {
+    pub connection: Connection,
+    pub idle_since: Instant,
+}
+
+/// Mail for one destination domain.
+#[derive(Default)]
+pub struct Destination {
+    pub ready: VecDeque<WorkItem>,
+    /// Deliveries running for this destination, one per connection.
+    pub active_workers: u32,
+    pub idle: Vec<IdleConnection>,
+    pub held: bool,
+}
+
+/// A deferral timer entry: at `due_us`, the pending recipients of `record`
+/// bound for `domain` become ready again.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deferral {
+    pub due_us: u64,
+    pub record: RecordRef,
+    pub domain: Rc<str>,
+}
+
+#[derive(Default)]
+pub struct Queue {
+    pub messages: HashMap<RecordRef, QueuedMessage>,
+    pub destinations: HashMap<Rc<str>, Destination>,
+    pub deferrals: BinaryHeap<Reverse<Deferral>>,
+}
+
+impl Queue {
+    /// Adds a message and makes every pending recipient whose attempt is
+    /// due ready; the others get a deferral timer. Returns the domains that
+    /// received ready work.
+    pub fn insert(&mut self, record: RecordRef, message: QueuedMessage, now_us: u64) -> Vec<Rc<str>> {
+        let mut due: HashMap<Rc<str>, Vec<u32>> = HashMap::new();
+        let mut later: HashMap<Rc<str>, u64> = HashMap::new();
+        for (index, recipient) in message.envelope.recipients.iter().enumerate() {
+            if let RecipientState::Pending {
+                next_attempt_us, ..
+            } = message.states[index]
+            {
+                let domain = self.intern(&recipient.domain);
+                if next_attempt_us <= now_us {
+                    due.entry(domain).or_default().push(index as u32);
+                } else {
+                    let entry = later.entry(domain).or_insert(next_attempt_us);
+                    *entry = (*entry).min(next_attempt_us);
+                }
+            }
+        }
+        let mut message = message;
+        for recipients in due.values() {
+            for index in recipients {
+                message.scheduled[*index as usize] = true;
+            }
+        }
+        self.messages.insert(record, message);
+        for (domain, due_us) in later {
+            self.deferrals.push(Reverse(Deferral {
+                due_us,
+                record,
+                domain,
+            }));
+        }
+        let mut ready_domains = Vec::with_capacity(due.len());
+        for (domain, recipients) in due {
+            self.destinations
+                .entry(domain.clone())
+                .or_default()
+                .ready
+                .push_back(WorkItem { record, recipients });
+            ready_domains.push(domain);
+        }
+        ready_domains
+    }
+
+    /// Returns the shared name of a domain, creating its destination entry.
+    pub fn intern(&mut self, domain: &str) -> Rc<str> {
+        if let Some((key, _)) = self.destinations.get_key_value(domain) {
+            return key.clone();
+        }
+        let key: Rc<str> = Rc::from(domain);
+        self.destinations.insert(key.clone(), Destination::default());
+        key
+    }
+
+    /// Moves every deferral that is due into its destination's ready queue.
+    /// Returns the domains that received work.
+    pub fn release_due(&mut self, now_us: u64) -> Vec<Rc<str>> {
+        let mut domains = Vec::new();
+        while let Some(Reverse(head)) = self.deferrals.peek() {
+            if head.due_us > now_us {
+                break;
+            }
+            let Some(Reverse(deferral)) = self.deferrals.pop() else {
+                break;
+            };
+            if let Some(item) = self.collect_due(deferral.record, &deferral.domain, now_us) {
+                self.destinations
+                    .entry(deferral.domain.clone())
+                    .or_default()
+                    .ready
+                    .push_back(item);
+                if !domains.contains(&deferral.domain) {
+                    domains.push(deferral.domain);
+                }
+            }
+        }
+        domains
+    }
+
+    /// Marks and returns the due, unscheduled, pending recipients of one
+    /// message for one domain.
+    fn collect_due(&mut self, record: RecordRef, domain: &str, now_us: u64) -> Option<WorkItem> {
+        let message = self.messages.get_mut(&record)?;
+        let mut recipients = Vec::new();
+        for (index, recipient) in message.envelope.recipients.iter().enumerate() {
+            if recipient.domain != domain || message.scheduled[index] {
+                continue;
+            }
+            if let RecipientState::Pending {
+                next_attempt_us, ..
+            } = message.states[index]
+                && next_attempt_us <= now_us
+            {
+                message.scheduled[index] = true;
+                recipients.push(index as u32);
+            }
+        }
+        (!recipients.is_empty()).then_some(WorkItem { record, recipients })
+    }
+
+    /// Makes every pending recipient of a domain due now (operator requeue).
+    pub fn requeue_domain(&mut self, domain: &str, now_us: u64) -> usize {
+        let Some(key) = self.destinations.get_key_value(domain).map(|(key, _)| key.clone()) else {
+            return 0;
+        };
+        let mut count = 0;
+        let mut records = Vec::new();
+        for (record, message) in self.messages.iter_mut() {
+            let mut touched = false;
+            for (index, recipient) in message.envelope.recipients.iter().enumerate() {
+                if recipient.domain != domain || message.scheduled[index] {
+                    continue;
+                }
+                if let RecipientState::Pending {
+                    next_attempt_us, ..
+                } = &mut message.states[index]
+                {
+                    *next_attempt_us = now_us;
+                    touched = true;
+                    count += 1;
+                }
+            }
+            if touched {
+                records.push(*record);
+            }
+        }
+        for record in records {
+            self.deferrals.push(Reverse(Deferral {
+                due_us: now_us,
+                record,
+                domain: key.clone(),
+            }));
+        }
+        count
+    }
+
+    /// The earliest deferral, for the scheduler's sleep.
+    pub fn next_due_us(&self) -> Option<u64> {
+        self.deferrals.peek().map(|Reverse(deferral)| deferral.due_us)
+    }
+
+    /// Pending recipients per destination: (domain, pending, held).
+    pub fn summary(&self) -> Vec<(String, usize, bool)> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for message in self.messages.values() {
+            for (index, recipient) in message.envelope.recipients.iter().enumerate() {
+                if matches!(message.states[index], RecipientState::Pending { .. }) {
+                    *counts.entry(recipient.domain.as_str()).or_default() += 1;
+                }
+            }
+        }
+        let mut rows: Vec<(String, usize, bool)> = counts
+            .into_iter()
+            .map(|(domain, pending)| {
+                let held = self
+                    .destinations
+                    .get(domain)
+                    .is_some_and(|destination| destination.held);
+                (domain.to_string(), pending, held)
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+}

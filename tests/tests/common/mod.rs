@@ -1,0 +1,103 @@
+//! Shared pieces of the end-to-end tests.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use caduceus_tests::{Engine, free_port};
+
+/// How long a test waits for something that normally takes milliseconds.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn loopback(last_octet: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet))
+}
+
+pub fn listen_addr(last_octet: u8) -> SocketAddr {
+    let ip = loopback(last_octet);
+    SocketAddr::new(ip, free_port(ip).expect("no free port on loopback"))
+}
+
+/// A temporary directory the engine's unprivileged user can traverse.
+pub fn state_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("caduceus-e2e-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod tempdir");
+    dir
+}
+
+/// The settings every test shares: the engine drops root to `nobody`, as
+/// production does, and the spool is sized for a test.
+pub fn engine_config() -> String {
+    "hostname = \"mta.caduceus.test\"\n\
+     user = \"nobody\"\n\
+     \n\
+     [spool]\n\
+     segment_size_bytes = 8388608\n\
+     reserve_bytes = 1048576\n"
+        .to_string()
+}
+
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the delivery log has an entry matching `condition`, and
+/// returns the whole log.
+pub fn wait_for_log(
+    engine: &Engine,
+    condition: impl Fn(&serde_json::Value) -> bool,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = engine.delivery_log().unwrap_or_default();
+        if log.iter().any(&condition) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no matching delivery log entry within {timeout:?}; log: {log:?}\nengine stderr:\n{}",
+            engine.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `caduceus` binary of this build.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CADUCEUS_BIN") {
+        return PathBuf::from(path);
+    }
+    let test = std::env::current_exe().expect("current exe");
+    test.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("caduceus"))
+        .expect("target directory")
+}
+
+/// Runs `caduceus ARGS... CONFIG` and returns its stdout; fails the test
+/// when the command fails.
+pub fn caduceus(args: &[&str], config: &Path) -> String {
+    let output = Command::new(binary())
+        .args(args)
+        .arg(config)
+        .output()
+        .expect("run caduceus");
+    assert!(
+        output.status.success(),
+        "caduceus {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
