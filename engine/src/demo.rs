@@ -143,7 +143,14 @@ fn demo_config(state_dir: &Path, sink: SocketAddr) -> Result<Config, String> {
         config.lanes.transactional.socket_owner = Some("nobody".into());
         config.lanes.bulk.socket_owner = Some("nobody".into());
     }
-    for domain in PATIENT_DOMAINS {
+    // Every domain the demo mails, including the senders' own for any
+    // notification, goes to the local receiver, and DNS goes to a loopback
+    // port: the demo never sends a packet off the machine.
+    config.dns.nameservers = vec!["127.0.0.1:9".into()];
+    for domain in PATIENT_DOMAINS
+        .iter()
+        .chain(["clinic.example", "campaigns.clinic.example"].iter())
+    {
         config.rules.push(RuleConfig {
             domain: Some(domain.to_string()),
             route: Some(sink.to_string()),

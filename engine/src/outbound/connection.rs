@@ -74,6 +74,10 @@ pub struct Connection {
     pub(super) remote_addr: SocketAddr,
     pub(super) tls: Option<TlsInfo>,
     pub(super) messages_sent: u32,
+    /// Set when the last transaction ended after an accepted MAIL but
+    /// without a completed DATA, so the server still holds its state; the
+    /// next `send` starts with RSET (RFC 5321 §4.1.1.5).
+    pub(super) needs_rset: bool,
     /// Set once the session can no longer be used; later calls return it.
     pub(super) failed: Option<SessionError>,
 }
@@ -164,6 +168,7 @@ impl Connection {
             remote_addr: params.addr,
             tls: None,
             messages_sent: 0,
+            needs_rset: false,
             failed: None,
         };
         connection.hello(params.helo).await?;

@@ -74,16 +74,20 @@ impl Connection {
         let mut completed_transaction = false;
         let mut first = true;
         while !pending.is_empty() {
-            if !first && let Err(error) = self.rset_between_transactions().await {
+            if (!first || self.needs_rset)
+                && let Err(error) = self.rset_between_transactions().await
+            {
                 return Ok(self.fail_session(error, results));
             }
             first = false;
+            self.needs_rset = true;
             match self
                 .transaction(message, &prepared, &pending, use_smtputf8, &mut results)
                 .await
             {
                 Ok(outcome) => {
                     completed_transaction |= outcome.data_completed;
+                    self.needs_rset = !outcome.data_completed;
                     if outcome.over_limit.len() == pending.len() {
                         // No recipient was accepted, so another transaction
                         // cannot make progress on this connection.

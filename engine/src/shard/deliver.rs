@@ -86,6 +86,9 @@ pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
 async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
     let policy = shard.current_policy();
     let mut connection: Option<Connection> = take_idle(&shard, &domain);
+    // A connection from the idle pool may have been closed by the server
+    // meanwhile; RSET before its first use here tells (RFC 5321 §3.8).
+    let mut from_pool = connection.is_some();
     loop {
         let item = {
             let mut queue = shard.queue.borrow_mut();
@@ -121,9 +124,18 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
                 continue;
             }
         };
-        let results =
-            deliver_item(&shard, &domain, &rule, &envelope, &stored.body, &item, &mut connection)
-                .await;
+        let results = deliver_item(
+            &shard,
+            &domain,
+            &rule,
+            &envelope,
+            &stored.body,
+            &item,
+            &mut connection,
+            from_pool,
+        )
+        .await;
+        from_pool = false;
         record_results(&shard, &item, &envelope, &attempts, &stored.body, &rule, results);
         if let Some(open) = &connection
             && open.messages_sent() >= rule.max_messages_per_connection.max(1)
@@ -205,6 +217,7 @@ struct ItemResults {
     remote: RemoteInfo,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn deliver_item(
     shard: &Rc<Shard>,
     domain: &str,
@@ -213,6 +226,7 @@ async fn deliver_item(
     body: &[u8],
     item: &WorkItem,
     connection: &mut Option<Connection>,
+    from_pool: bool,
 ) -> ItemResults {
     let recipients: Vec<OutboundRecipient<'_>> = item
         .recipients
@@ -236,9 +250,10 @@ async fn deliver_item(
         ret: envelope.ret,
     };
     // A stale pooled connection is replaced once; a second failure counts.
-    for _ in 0..2 {
+    for round in 0..2 {
         if let Some(open) = connection.as_mut()
-            && open.messages_sent() > 0
+            && from_pool
+            && round == 0
             && let Err(error) = open.reset().await
         {
             tracing::debug!(core = shard.index, domain, %error, "delivery: pooled connection was stale; reconnecting");

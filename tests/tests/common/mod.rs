@@ -33,15 +33,23 @@ pub fn state_dir() -> tempfile::TempDir {
 }
 
 /// The settings every test shares: the engine drops root to `nobody`, as
-/// production does, and the spool is sized for a test.
-pub fn engine_config() -> String {
-    "hostname = \"mta.caduceus.test\"\n\
-     user = \"nobody\"\n\
-     \n\
-     [spool]\n\
-     segment_size_bytes = 8388608\n\
-     reserve_bytes = 1048576\n"
-        .to_string()
+/// production does, the spool is sized for a test, and DNS goes to `dns`
+/// (a test's dnsmasq) or to a loopback port where nothing answers, so that
+/// no test ever queries the machine's own resolver.
+pub fn engine_config(dns: Option<SocketAddr>) -> String {
+    let nameserver = dns.map_or_else(|| "127.0.0.1:9".to_string(), |addr| addr.to_string());
+    format!(
+        "hostname = \"mta.caduceus.test\"\n\
+         user = \"nobody\"\n\
+         \n\
+         [spool]\n\
+         segment_size_bytes = 8388608\n\
+         reserve_bytes = 1048576\n\
+         \n\
+         [dns]\n\
+         nameservers = [\"{nameserver}\"]\n\
+         timeout = \"1s\"\n"
+    )
 }
 
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) {
