@@ -1,0 +1,116 @@
+//! The `caduceus` command as a user meets it: the demo, and the messages a
+//! mistake in the configuration produces.
+
+mod common;
+
+use std::process::Command;
+
+use common::{binary, state_dir};
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary()).args(args).output().expect("run caduceus");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn demo_delivers_everything() {
+    let (success, stdout, stderr) = run(&["demo", "--transactional", "40", "--bulk", "400"]);
+    assert!(success, "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("every message was delivered"), "{stdout}");
+    assert!(stdout.contains("transactional"), "{stdout}");
+    assert!(stdout.contains("440 delivered"), "{stdout}");
+}
+
+#[test]
+fn serve_refuses_root_without_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let state = state_dir();
+    let config = state.path().join("caduceus.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = \"{}\"\n", state.path().join("engine").display()),
+    )
+    .expect("write config");
+    let (success, _, stderr) = run(&["serve", "--config", config.to_str().expect("utf-8 path")]);
+    assert!(!success, "serve ran as root without a user");
+    assert!(stderr.contains("refusing to run as root"), "{stderr}");
+    assert!(stderr.contains("user = "), "the message names the fix: {stderr}");
+}
+
+#[test]
+fn policy_check_names_file_line_and_column() {
+    let state = state_dir();
+    let config = state.path().join("broken.toml");
+    std::fs::write(&config, "hostname = \"mta.example.com\"\n\n[delivery]\nconect_timeout = \"5s\"\n")
+        .expect("write config");
+    let path = config.to_str().expect("utf-8 path");
+    let (success, _, stderr) = run(&["policy", "check", path]);
+    assert!(!success, "a misspelt key passed the check");
+    assert!(stderr.contains(&format!("{path}:4:")), "{stderr}");
+    assert!(stderr.contains("conect_timeout"), "{stderr}");
+}
+
+#[test]
+fn policy_check_accepts_shipped_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/caduceus.example.toml");
+    let (success, stdout, stderr) = run(&["policy", "check", example]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+}
+
+#[test]
+fn policy_explain_names_the_rule() {
+    let state = state_dir();
+    let config = state.path().join("rules.toml");
+    std::fs::write(
+        &config,
+        "[[rule]]\ndomain = \"*.example.org\"\ntls = \"verified\"\n",
+    )
+    .expect("write config");
+    let (success, stdout, stderr) = run(&[
+        "policy",
+        "explain",
+        "patient@mail.example.org",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("*.example.org"), "{stdout}");
+    assert!(stdout.contains("verified"), "{stdout}");
+}
+
+#[test]
+fn cores_rejects_overlapping_lanes() {
+    let state = state_dir();
+    let config = state.path().join("cores.toml");
+    std::fs::write(
+        &config,
+        "[lanes.transactional]\ncores = [0]\n\n[lanes.bulk]\ncores = [0]\n",
+    )
+    .expect("write config");
+    let (success, _, stderr) = run(&["cores", "--config", config.to_str().expect("utf-8 path")]);
+    assert!(!success, "overlapping cores were accepted");
+    assert!(stderr.contains("transactional") && stderr.contains("bulk"), "{stderr}");
+}
+
+#[test]
+fn queue_without_engine_explains_itself() {
+    let state = state_dir();
+    let config = state.path().join("caduceus.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = \"{}\"\n", state.path().display()),
+    )
+    .expect("write config");
+    let (success, _, stderr) = run(&["queue", "list", "--config", config.to_str().expect("utf-8 path")]);
+    assert!(!success);
+    assert!(stderr.contains("control.sock"), "{stderr}");
+    assert!(stderr.contains("is `caduceus serve` running"), "{stderr}");
+}
