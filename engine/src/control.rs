@@ -111,7 +111,9 @@ impl ControlPlane {
         while reader.read_line(&mut line)? > 0 {
             let response = match serde_json::from_str::<Value>(&line) {
                 Ok(request) => self.execute(&request, uid, holds),
-                Err(error) => json!({"ok": false, "error": format!("request is not valid JSON: {error}")}),
+                Err(error) => {
+                    json!({"ok": false, "error": format!("request is not valid JSON: {error}")})
+                }
             };
             let mut text = response.to_string();
             text.push('\n');
@@ -130,7 +132,9 @@ impl ControlPlane {
         self.audit(uid, command, destination.as_deref());
         let needs_destination = |build: fn(String) -> ControlCommand| match &destination {
             Some(domain) if !domain.is_empty() => Ok(build(domain.clone())),
-            _ => Err(json!({"ok": false, "error": format!("{command} needs a \"destination\" (a domain such as example.net)")})),
+            _ => Err(
+                json!({"ok": false, "error": format!("{command} needs a \"destination\" (a domain such as example.net)")}),
+            ),
         };
         let executor_command = match command {
             "queue.list" => Ok(ControlCommand::QueueList),
@@ -156,8 +160,10 @@ impl ControlPlane {
             }
             _ => {}
         }
-        if matches!(executor_command, ControlCommand::Hold(_) | ControlCommand::Release(_))
-            && let Err(error) = save_holds(&self.holds_file, holds)
+        if matches!(
+            executor_command,
+            ControlCommand::Hold(_) | ControlCommand::Release(_)
+        ) && let Err(error) = save_holds(&self.holds_file, holds)
         {
             tracing::error!(path = %self.holds_file.display(), %error, "control: holds file could not be written; the hold is in force but will not survive a restart");
         }
@@ -175,7 +181,9 @@ impl ControlPlane {
             };
             match executor.try_send(request) {
                 Ok(()) => pending.push(answer),
-                Err(_) => tracing::error!("control: an executor's command channel is full or closed"),
+                Err(_) => {
+                    tracing::error!("control: an executor's command channel is full or closed")
+                }
             }
         }
         pending
@@ -226,5 +234,6 @@ pub fn request(socket: &Path, request: &Value) -> Result<Value, String> {
     BufReader::new(stream)
         .read_line(&mut line)
         .map_err(|error| format!("control socket read failed: {error}"))?;
-    serde_json::from_str(&line).map_err(|error| format!("control socket sent invalid JSON: {error}"))
+    serde_json::from_str(&line)
+        .map_err(|error| format!("control socket sent invalid JSON: {error}"))
 }

@@ -27,7 +27,10 @@ pub fn available_cpus() -> Vec<usize> {
 /// from /sys/devices/system/cpu.
 pub fn topology_report(cpus: &[usize]) -> String {
     let mut report = format!("{} CPUs available to this process\n", cpus.len());
-    report.push_str(&format!("{:>5} {:>14} {:>6}\n", "CPU", "SMT SIBLINGS", "NODE"));
+    report.push_str(&format!(
+        "{:>5} {:>14} {:>6}\n",
+        "CPU", "SMT SIBLINGS", "NODE"
+    ));
     for cpu in cpus {
         let base = format!("/sys/devices/system/cpu/cpu{cpu}");
         let siblings = std::fs::read_to_string(format!("{base}/topology/thread_siblings_list"))
@@ -57,7 +60,10 @@ pub fn topology_report(cpus: &[usize]) -> String {
 /// share proportional to volume.
 pub fn allocate(config: &Config, cpus: &[usize]) -> Result<Vec<ExecutorSpec>, String> {
     if cpus.is_empty() {
-        return Err("no CPU is available to this process (check its affinity mask with `taskset -p $$`)".into());
+        return Err(
+            "no CPU is available to this process (check its affinity mask with `taskset -p $$`)"
+                .into(),
+        );
     }
     let transactional = &config.lanes.transactional.cores;
     let bulk = &config.lanes.bulk.cores;

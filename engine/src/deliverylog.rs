@@ -152,7 +152,10 @@ impl DeliveryLog {
     pub fn write(&self, entry: &Entry<'_>) {
         let mut buffer = self.buffer.borrow_mut();
         if serde_json::to_writer(&mut *buffer, entry).is_err() {
-            tracing::error!(message_id = entry.message_id, "delivery log: entry failed to serialise");
+            tracing::error!(
+                message_id = entry.message_id,
+                "delivery log: entry failed to serialise"
+            );
             return;
         }
         buffer.push(b'\n');

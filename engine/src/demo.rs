@@ -226,7 +226,8 @@ fn inject_bulk(socket: &Path, connection: u32, count: u32, failures: &AtomicU64)
                   Book online or call the number below.\r\n"
         .repeat(16);
     for index in 0..count {
-        let domain = PATIENT_DOMAINS[(index as usize + connection as usize) % PATIENT_DOMAINS.len()];
+        let domain =
+            PATIENT_DOMAINS[(index as usize + connection as usize) % PATIENT_DOMAINS.len()];
         let recipient = format!("member{connection}-{index}@{domain}");
         let body = format!(
             "From: Riverside Health <news@campaigns.clinic.example>\r\n\
@@ -241,7 +242,11 @@ fn inject_bulk(socket: &Path, connection: u32, count: u32, failures: &AtomicU64)
              {filler}",
             now_us()
         );
-        match client.send("news@campaigns.clinic.example", &[recipient], body.as_bytes()) {
+        match client.send(
+            "news@campaigns.clinic.example",
+            &[recipient],
+            body.as_bytes(),
+        ) {
             Ok(_) => sent += 1,
             Err(error) => {
                 eprintln!("demo: campaign message {index} rejected: {error}");
@@ -265,12 +270,15 @@ fn print_report(
         "lane", "injected", "delivered", "msgs/s", "p50 ms", "p99 ms", "max ms"
     );
     for lane in ["transactional", "bulk"] {
-        let mut histogram =
-            Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid");
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("static bounds are valid");
         let mut delivered = 0u64;
         let mut first = u64::MAX;
         let mut last = 0u64;
-        for arrival in arrivals.iter().filter(|arrival| arrival.lane.as_deref() == Some(lane)) {
+        for arrival in arrivals
+            .iter()
+            .filter(|arrival| arrival.lane.as_deref() == Some(lane))
+        {
             delivered += 1;
             if let Some(injected_at) = arrival.injected_at_us {
                 let latency = arrival.received_at_us.saturating_sub(injected_at).max(1);

@@ -34,7 +34,9 @@ impl InjectClient {
             buffer: Vec::with_capacity(64 * 1024),
         };
         client.expect("greeting", 220)?;
-        client.writer.write_all(format!("EHLO {helo}\r\n").as_bytes())?;
+        client
+            .writer
+            .write_all(format!("EHLO {helo}\r\n").as_bytes())?;
         client.expect("EHLO", 250)?;
         Ok(client)
     }

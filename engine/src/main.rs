@@ -143,9 +143,8 @@ fn serve(config_path: Option<&Path>) -> Result<(), String> {
 /// Recompiles the policy from the config file and swaps it in. A policy
 /// that fails to compile is rejected and the old one stays in force.
 fn reload(config_path: Option<&Path>, engine: &runtime::Engine) {
-    let compiled = read_config(config_path).and_then(|config| {
-        Policy::compile(&config).map_err(|error| error.to_string())
-    });
+    let compiled = read_config(config_path)
+        .and_then(|config| Policy::compile(&config).map_err(|error| error.to_string()));
     match compiled {
         Ok(policy) => {
             engine.policy.store(policy);
@@ -183,14 +182,21 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
         return Err(error.to_string());
     }
     if let QueueAction::List = action {
-        println!("{:<40} {:>10} {:>6} {:>5}", "DESTINATION", "PENDING", "HELD", "CORE");
+        println!(
+            "{:<40} {:>10} {:>6} {:>5}",
+            "DESTINATION", "PENDING", "HELD", "CORE"
+        );
         for executor in response["executors"].as_array().into_iter().flatten() {
             for row in executor["destinations"].as_array().into_iter().flatten() {
                 println!(
                     "{:<40} {:>10} {:>6} {:>5}",
                     row["destination"].as_str().unwrap_or("?"),
                     row["pending"],
-                    if row["held"].as_bool() == Some(true) { "yes" } else { "no" },
+                    if row["held"].as_bool() == Some(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     executor["core"],
                 );
             }

@@ -21,13 +21,19 @@ pub fn drop_if_root(config: &Config) -> Result<(), String> {
         .map_err(|error| format!("cannot look up user {name:?}: {error}"))?
         .ok_or_else(|| format!("user {name:?} (config `user`) does not exist; create it with `useradd --system {name}` or name another user"))?;
     if user.uid.is_root() {
-        return Err(format!("config `user = {name:?}` is root; name an unprivileged user"));
+        return Err(format!(
+            "config `user = {name:?}` is root; name an unprivileged user"
+        ));
     }
     hand_over(&config.state_dir, user.uid, user.gid)?;
     setgroups(&[user.gid]).map_err(|error| format!("setgroups failed: {error}"))?;
     setgid(user.gid).map_err(|error| format!("setgid({}) failed: {error}", user.gid))?;
     setuid(user.uid).map_err(|error| format!("setuid({}) failed: {error}", user.uid))?;
-    tracing::info!(user = name, uid = user.uid.as_raw(), "engine: dropped root privileges");
+    tracing::info!(
+        user = name,
+        uid = user.uid.as_raw(),
+        "engine: dropped root privileges"
+    );
     Ok(())
 }
 

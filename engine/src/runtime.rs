@@ -235,17 +235,15 @@ fn raise_memlock_limit() {
 }
 
 fn restrict_mode(path: &Path, mode: u32) -> Result<(), String> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|error| {
-        format!(
-            "cannot set mode {mode:o} on {}: {error}",
-            path.display()
-        )
-    })
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|error| format!("cannot set mode {mode:o} on {}: {error}", path.display()))
 }
 
 fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
     if !config.spool.encryption {
-        tracing::warn!("spool: encryption at rest is off (spool.encryption = false); message content is stored in the clear");
+        tracing::warn!(
+            "spool: encryption at rest is off (spool.encryption = false); message content is stored in the clear"
+        );
         return Ok(None);
     }
     if let Ok(hex) = std::env::var(SPOOL_KEY_ENV) {

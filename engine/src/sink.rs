@@ -62,8 +62,11 @@ impl Sink {
                 while !thread_stop.load(Ordering::Acquire) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let (arrivals, received, tls) =
-                                (thread_arrivals.clone(), thread_received.clone(), tls.clone());
+                            let (arrivals, received, tls) = (
+                                thread_arrivals.clone(),
+                                thread_received.clone(),
+                                tls.clone(),
+                            );
                             let _ = std::thread::Builder::new()
                                 .name("sink-session".into())
                                 .spawn(move || {
@@ -107,9 +110,7 @@ fn server_config() -> io::Result<rustls::ServerConfig> {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
         .map_err(io::Error::other)?;
     let cert = CertificateDer::from(generated.cert.der().to_vec());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        generated.key_pair.serialize_der(),
-    ));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()));
     // rustls 0.23.48 deprecates the ring provider for lacking post-quantum
     // key exchange; the workspace builds rustls with ring only.
     #[allow(deprecated)]
@@ -210,7 +211,9 @@ fn serve_session(
         let verb = String::from_utf8_lossy(&line[..line.len().min(10)]).to_ascii_uppercase();
         let secure = matches!(stream, Stream::Tls(_));
         if verb.starts_with("EHLO") {
-            let mut reply = String::from("250-sink.caduceus.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE 209715200\r\n");
+            let mut reply = String::from(
+                "250-sink.caduceus.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE 209715200\r\n",
+            );
             if !secure {
                 reply.push_str("250-STARTTLS\r\n");
             }

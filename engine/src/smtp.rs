@@ -148,7 +148,10 @@ mod tests {
             status: None,
             lines: vec!["mta.example.com".into(), "PIPELINING".into()],
         };
-        assert_eq!(reply.to_wire(), b"250-mta.example.com\r\n250 PIPELINING\r\n");
+        assert_eq!(
+            reply.to_wire(),
+            b"250-mta.example.com\r\n250 PIPELINING\r\n"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{Category, Lane, TlsMode};
 pub const DEFAULT_RULE_ID: u32 = u32::MAX;
 
 /// A fixed next hop that replaces the MX hosts of the recipient domain.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Route {
     Addr(SocketAddr),
     /// A host name in lowercase A-label form, resolved by A and AAAA lookups
@@ -87,7 +87,7 @@ impl fmt::Display for Route {
 
 /// The delivery settings for one destination in one lane, with every default
 /// already merged in.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct EffectiveRule {
     /// Index of the `[[rule]]` in the config, from 0; [`DEFAULT_RULE_ID`]
     /// when no rule matched. Destinations that share a rule id share its
@@ -112,7 +112,7 @@ pub struct EffectiveRule {
 }
 
 /// A compiled rule's description, kept for `explain`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct RuleSource {
     pub config: RuleConfig,
     pub matcher: Matcher,
@@ -128,11 +128,11 @@ pub(crate) struct RuleSource {
 /// A domain rule takes precedence over an MX rule: the engine calls
 /// [`Policy::for_mx_host`] only when [`Policy::for_domain`] returns the
 /// defaults (`rule_id == DEFAULT_RULE_ID`).
-// TODO: `caduceus policy compile` is meant to write these tables as an rkyv
-// archive that the engine memory-maps at start. The tables are flat vectors
-// of integers and bytes for that reason, but no archive format exists yet,
-// so every start and reload compiles from the TOML rules.
-#[derive(Debug)]
+///
+/// [`Policy::write_compiled`] stores the compiled tables as an rkyv archive
+/// and [`Policy::open_compiled`] validates and loads them, so a start need
+/// not parse and check the TOML rules again.
+#[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Policy {
     recipient_domains: SuffixTable,
     mx_hosts: SuffixTable,
@@ -272,6 +272,42 @@ impl Policy {
     /// Returns the number of `[[rule]]` entries compiled.
     pub fn rule_count(&self) -> usize {
         self.sources.len()
+    }
+
+    /// Checks that every index in the tables points inside its table, for a
+    /// policy read from a compiled file.
+    pub(crate) fn check_tables(&self) -> Result<(), String> {
+        let rule_count = self.sources.len();
+        if rule_count >= DEFAULT_RULE_ID as usize {
+            return Err(format!("{rule_count} rules is too many"));
+        }
+        let expected_effective = (rule_count + 1) * Lane::ALL.len();
+        if self.effective.len() != expected_effective {
+            return Err(format!(
+                "{} effective rules for {rule_count} rules; expected {expected_effective}",
+                self.effective.len()
+            ));
+        }
+        let tables = [
+            ("recipient domain", &self.recipient_domains),
+            ("MX host", &self.mx_hosts),
+            ("sender domain", &self.sender_domains),
+        ];
+        for (name, table) in tables {
+            table
+                .check(rule_count)
+                .map_err(|problem| format!("{name} table: {problem}"))?;
+        }
+        for (index, rule) in self.effective.iter().enumerate() {
+            let expected_id = match index / Lane::ALL.len() {
+                rule_index if rule_index == rule_count => DEFAULT_RULE_ID,
+                rule_index => rule_index as u32,
+            };
+            if rule.rule_id != expected_id || rule.retry_schedule.is_empty() {
+                return Err(format!("effective rule {index} is inconsistent"));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn sender_rule(&self, sender_domain: &str) -> Option<u32> {

@@ -455,7 +455,7 @@ impl Default for SpoolConfig {
 /// One per-destination rule. A rule matches by exactly one of `domain`
 /// (`example.com` exactly, or `*.example.com` for every subdomain) and
 /// `mx` (a host name pattern matched against the destination's MX hosts).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub domain: Option<String>,

@@ -107,7 +107,7 @@ pub(crate) fn check_host_name(name: &str) -> Result<(), String> {
 }
 
 /// A rule's `domain` or `mx` value after normalisation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct DomainPattern {
     /// The lowercase A-label name, without the `*.` of a wildcard.
     pub name: String,

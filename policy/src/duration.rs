@@ -6,7 +6,19 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct ConfigDuration(pub Duration);
 
 impl ConfigDuration {

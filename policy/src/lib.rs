@@ -12,9 +12,12 @@ mod vocabulary;
 
 mod address;
 mod compiled;
+mod compiled_file;
 mod domain;
 mod error;
 mod explain;
+mod file_io;
+pub mod lists;
 mod load;
 mod site_key;
 mod suffix_table;
@@ -22,8 +25,10 @@ mod validate;
 
 pub use address::{AddressError, normalise_address};
 pub use compiled::{DEFAULT_RULE_ID, EffectiveRule, Policy, Route};
+pub use compiled_file::CompiledPolicyError;
 pub use domain::{DomainError, normalise_domain};
 pub use error::{ConfigError, Location};
+pub use lists::{Lists, Verdict};
 pub use load::{load_config, parse_config};
 pub use site_key::{SiteKey, SiteKeyError};
 pub use vocabulary::{Category, Lane, TlsMode};

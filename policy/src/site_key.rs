@@ -52,6 +52,7 @@ pub enum SiteKeyError {
 }
 
 /// The HMAC-SHA-256 key of this site.
+#[derive(Clone)]
 pub struct SiteKey {
     key: hmac::Key,
 }
@@ -200,6 +201,18 @@ impl SiteKey {
     /// used in logs and list files.
     pub fn hmac_hex(&self, address: &str) -> String {
         hex::encode(self.hmac_address(address))
+    }
+
+    /// Returns a value that identifies the key without revealing it: the
+    /// first 8 bytes of an HMAC of a fixed label. List files and journals
+    /// store it, so a file built under another key is rejected rather than
+    /// silently matching nothing. The label has no `@`, so it never equals a
+    /// normalised address.
+    pub(crate) fn key_check(&self) -> [u8; 8] {
+        let tag = self.sign("caduceus list key check v1");
+        let mut check = [0u8; 8];
+        check.copy_from_slice(&tag[..8]);
+        check
     }
 
     fn sign(&self, normalised: &str) -> [u8; 32] {

@@ -17,7 +17,7 @@ pub(crate) const NO_RULE: u32 = u32::MAX;
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 struct Slot {
     hash: u64,
     name_offset: u32,
@@ -38,7 +38,7 @@ const EMPTY_SLOT: Slot = Slot {
 };
 
 /// Patterns compiled into a lookup table; see the module documentation.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct SuffixTable {
     /// Open addressing with linear probing. The length is zero or a power of
     /// two at least twice the number of names, so probes stay short and
@@ -146,6 +146,43 @@ impl SuffixTable {
         &self.names[start..start + slot.name_length as usize]
     }
 
+    /// Checks the invariants that lookups rely on, for a table read from a
+    /// file: every name is inside the arena, hashes to its slot's hash and
+    /// is found by a probe, every rule index is below `rule_count`, and an
+    /// empty slot exists so that probing ends.
+    pub fn check(&self, rule_count: usize) -> Result<(), String> {
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        if !self.slots.len().is_power_of_two() {
+            return Err(format!("{} slots is not a power of two", self.slots.len()));
+        }
+        if self.slots.iter().all(|slot| slot.name_length != 0) {
+            return Err("the table has no empty slot".to_string());
+        }
+        for (index, slot) in self.slots.iter().enumerate() {
+            if slot.name_length == 0 {
+                continue;
+            }
+            let start = slot.name_offset as usize;
+            let name = start
+                .checked_add(slot.name_length as usize)
+                .and_then(|end| self.names.get(start..end))
+                .ok_or_else(|| format!("slot {index} names bytes outside the arena"))?;
+            if hash_reversed(name) != slot.hash || self.find(slot.hash, name) != Some(index) {
+                return Err(format!("slot {index} is not where its hash puts it"));
+            }
+            for rule in [slot.exact, slot.wildcard] {
+                if rule != NO_RULE && rule as usize >= rule_count {
+                    return Err(format!(
+                        "slot {index} points at rule {rule}, but there are {rule_count} rules"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Returns the rule of the longest pattern that matches `name`: an exact
     /// pattern for `name` itself, else the wildcard of its nearest ancestor.
     /// Allocates nothing and takes no locks.
@@ -227,6 +264,35 @@ mod tests {
         let stored_hash = hash_reversed(b"example.com");
         assert!(table.find(stored_hash, b"example.com").is_some());
         assert!(table.find(stored_hash, b"exbmple.com").is_none());
+    }
+
+    #[test]
+    fn check_rejects_damaged_tables() {
+        let good = table(&["example", "*.a.example"]);
+        assert_eq!(good.check(2), Ok(()));
+        assert!(good.check(1).unwrap_err().contains("points at rule 1"));
+
+        let mut outside = good.clone();
+        let filled = outside
+            .slots
+            .iter()
+            .position(|slot| slot.name_length != 0)
+            .unwrap();
+        outside.slots[filled].name_offset = 1000;
+        assert!(outside.check(2).unwrap_err().contains("outside the arena"));
+
+        let mut moved = good.clone();
+        moved.slots[filled].hash ^= 1;
+        assert!(moved.check(2).unwrap_err().contains("not where its hash"));
+
+        let mut full = good.clone();
+        let template = full.slots[filled];
+        full.slots.fill(template);
+        assert!(full.check(2).unwrap_err().contains("no empty slot"));
+
+        let mut odd = good;
+        odd.slots.push(EMPTY_SLOT);
+        assert!(odd.check(2).unwrap_err().contains("power of two"));
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub(crate) struct Issue {
 }
 
 /// The normalised pattern of a rule and the kind of name it matches.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) enum Matcher {
     Domain(DomainPattern),
     MxHost(DomainPattern),

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use caduceus_policy::{
-    Category, DEFAULT_RULE_ID, Lane, Policy, Route, TlsMode, normalise_domain, parse_config,
+    Category, CompiledPolicyError, DEFAULT_RULE_ID, Lane, Policy, Route, TlsMode, normalise_domain,
+    parse_config,
 };
 
 const CONFIG: &str = r#"
@@ -88,6 +89,17 @@ fn policy() -> Policy {
     Policy::compile(&config).unwrap()
 }
 
+/// Returns the policy compiled from TOML and the same policy after a round
+/// trip through the compiled file, so that every case runs against both.
+fn policies() -> [Policy; 2] {
+    let compiled = policy();
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("policy.compiled");
+    compiled.write_compiled(&path).unwrap();
+    let loaded = Policy::open_compiled(&path).unwrap();
+    [compiled, loaded]
+}
+
 /// Normalises like the engine does before a lookup.
 fn lookup_domain(policy: &Policy, domain: &str, lane: Lane) -> u32 {
     let domain = normalise_domain(domain).unwrap();
@@ -96,232 +108,237 @@ fn lookup_domain(policy: &Policy, domain: &str, lane: Lane) -> u32 {
 
 #[test]
 fn domain_cases() {
-    let policy = policy();
-    let cases: &[(&str, u32, &str)] = &[
-        ("partner.example", 0, "exact"),
-        (
-            "sub.partner.example",
-            DEFAULT_RULE_ID,
-            "exact does not cover subdomains",
-        ),
-        ("a.example.net", 1, "wildcard"),
-        ("deep.a.example.net", 1, "wildcard at any depth"),
-        (
-            "example.net",
-            DEFAULT_RULE_ID,
-            "wildcard excludes its parent",
-        ),
-        (
-            "eu.example.net",
-            1,
-            "shorter wildcard covers the longer one's parent",
-        ),
-        ("x.eu.example.net", 2, "longer wildcard wins"),
-        ("mail.eu.example.net", 3, "exact inside wildcards wins"),
-        (
-            "a.mail.eu.example.net",
-            2,
-            "exact does not extend to children",
-        ),
-        ("bücher.example", 4, "IDN rule as U-label, query as U-label"),
-        (
-            "xn--bcher-kva.example",
-            4,
-            "IDN rule as U-label, query as A-label",
-        ),
-        ("BÜCHER.Example", 4, "query case folded"),
-        (
-            "praxis.münchen.example",
-            5,
-            "IDN rule as A-label, query as U-label",
-        ),
-        (
-            "praxis.xn--mnchen-3ya.example",
-            5,
-            "IDN rule as A-label, query as A-label",
-        ),
-        ("unrelated.example", DEFAULT_RULE_ID, "no rule"),
-        (
-            "fooexample.net",
-            DEFAULT_RULE_ID,
-            "suffix must start at a label",
-        ),
-        (
-            "outreach.example-health.org",
-            10,
-            "sender-only rule does not hide the wildcard",
-        ),
-        ("lab.example", 8, "route rule"),
-    ];
-    for (domain, expected, why) in cases {
-        for lane in Lane::ALL {
-            assert_eq!(
-                lookup_domain(&policy, domain, lane),
-                *expected,
-                "{domain} in {lane:?}: {why}"
-            );
+    for policy in policies() {
+        let cases: &[(&str, u32, &str)] = &[
+            ("partner.example", 0, "exact"),
+            (
+                "sub.partner.example",
+                DEFAULT_RULE_ID,
+                "exact does not cover subdomains",
+            ),
+            ("a.example.net", 1, "wildcard"),
+            ("deep.a.example.net", 1, "wildcard at any depth"),
+            (
+                "example.net",
+                DEFAULT_RULE_ID,
+                "wildcard excludes its parent",
+            ),
+            (
+                "eu.example.net",
+                1,
+                "shorter wildcard covers the longer one's parent",
+            ),
+            ("x.eu.example.net", 2, "longer wildcard wins"),
+            ("mail.eu.example.net", 3, "exact inside wildcards wins"),
+            (
+                "a.mail.eu.example.net",
+                2,
+                "exact does not extend to children",
+            ),
+            ("bücher.example", 4, "IDN rule as U-label, query as U-label"),
+            (
+                "xn--bcher-kva.example",
+                4,
+                "IDN rule as U-label, query as A-label",
+            ),
+            ("BÜCHER.Example", 4, "query case folded"),
+            (
+                "praxis.münchen.example",
+                5,
+                "IDN rule as A-label, query as U-label",
+            ),
+            (
+                "praxis.xn--mnchen-3ya.example",
+                5,
+                "IDN rule as A-label, query as A-label",
+            ),
+            ("unrelated.example", DEFAULT_RULE_ID, "no rule"),
+            (
+                "fooexample.net",
+                DEFAULT_RULE_ID,
+                "suffix must start at a label",
+            ),
+            (
+                "outreach.example-health.org",
+                10,
+                "sender-only rule does not hide the wildcard",
+            ),
+            ("lab.example", 8, "route rule"),
+        ];
+        for (domain, expected, why) in cases {
+            for lane in Lane::ALL {
+                assert_eq!(
+                    lookup_domain(&policy, domain, lane),
+                    *expected,
+                    "{domain} in {lane:?}: {why}"
+                );
+            }
         }
     }
 }
 
 #[test]
 fn domain_lookup_tolerates_root_dot() {
-    let policy = policy();
-    assert_eq!(policy.for_domain("partner.example.", Lane::Bulk).rule_id, 0);
+    for policy in policies() {
+        assert_eq!(policy.for_domain("partner.example.", Lane::Bulk).rule_id, 0);
+    }
 }
 
 #[test]
 fn mx_cases() {
-    let policy = policy();
-    let cases: &[(&str, Option<u32>)] = &[
-        ("contoso-com.mail.protection.outlook.com", Some(6)),
-        ("contoso-com.mail.protection.outlook.com.", Some(6)),
-        ("fabrikam-org.mail.protection.outlook.com", Some(6)),
-        ("mail.protection.outlook.com", None),
-        ("mx1.example.org", Some(7)),
-        ("mx2.example.org", None),
-        ("partner.example", None),
-    ];
-    for (host, expected) in cases {
-        let found = policy
-            .for_mx_host(host, Lane::Bulk)
-            .map(|rule| rule.rule_id);
-        assert_eq!(found, *expected, "{host}");
+    for policy in policies() {
+        let cases: &[(&str, Option<u32>)] = &[
+            ("contoso-com.mail.protection.outlook.com", Some(6)),
+            ("contoso-com.mail.protection.outlook.com.", Some(6)),
+            ("fabrikam-org.mail.protection.outlook.com", Some(6)),
+            ("mail.protection.outlook.com", None),
+            ("mx1.example.org", Some(7)),
+            ("mx2.example.org", None),
+            ("partner.example", None),
+        ];
+        for (host, expected) in cases {
+            let found = policy
+                .for_mx_host(host, Lane::Bulk)
+                .map(|rule| rule.rule_id);
+            assert_eq!(found, *expected, "{host}");
+        }
+        let shared_a = policy
+            .for_mx_host(
+                "contoso-com.mail.protection.outlook.com",
+                Lane::Transactional,
+            )
+            .unwrap();
+        let shared_b = policy
+            .for_mx_host(
+                "fabrikam-org.mail.protection.outlook.com",
+                Lane::Transactional,
+            )
+            .unwrap();
+        assert!(
+            std::ptr::eq(shared_a, shared_b),
+            "domains on one MX share one rule"
+        );
+        assert_eq!(shared_a.max_connections, 4);
+        assert_eq!(shared_a.rate_per_sec, Some(50.0));
+        assert_eq!(shared_a.burst, 50);
     }
-    let shared_a = policy
-        .for_mx_host(
-            "contoso-com.mail.protection.outlook.com",
-            Lane::Transactional,
-        )
-        .unwrap();
-    let shared_b = policy
-        .for_mx_host(
-            "fabrikam-org.mail.protection.outlook.com",
-            Lane::Transactional,
-        )
-        .unwrap();
-    assert!(
-        std::ptr::eq(shared_a, shared_b),
-        "domains on one MX share one rule"
-    );
-    assert_eq!(shared_a.max_connections, 4);
-    assert_eq!(shared_a.rate_per_sec, Some(50.0));
-    assert_eq!(shared_a.burst, 50);
 }
 
 #[test]
 fn effective_settings_merge_defaults() {
-    let policy = policy();
+    for policy in policies() {
+        let defaults = policy.for_domain("unrelated.example", Lane::Transactional);
+        assert_eq!(defaults.rule_id, DEFAULT_RULE_ID);
+        assert_eq!(defaults.tls, TlsMode::Opportunistic);
+        assert_eq!(defaults.route, None);
+        assert_eq!(defaults.rate_per_sec, None);
+        assert_eq!(defaults.burst, 0);
+        assert_eq!(defaults.max_connections, 8);
+        assert_eq!(defaults.max_messages_per_connection, 100);
+        assert_eq!(
+            &*defaults.retry_schedule,
+            &[Duration::from_secs(10), Duration::from_secs(60)]
+        );
+        assert_eq!(defaults.max_queue_lifetime, Duration::from_secs(86_400));
+        assert!(!defaults.hold);
 
-    let defaults = policy.for_domain("unrelated.example", Lane::Transactional);
-    assert_eq!(defaults.rule_id, DEFAULT_RULE_ID);
-    assert_eq!(defaults.tls, TlsMode::Opportunistic);
-    assert_eq!(defaults.route, None);
-    assert_eq!(defaults.rate_per_sec, None);
-    assert_eq!(defaults.burst, 0);
-    assert_eq!(defaults.max_connections, 8);
-    assert_eq!(defaults.max_messages_per_connection, 100);
-    assert_eq!(
-        &*defaults.retry_schedule,
-        &[Duration::from_secs(10), Duration::from_secs(60)]
-    );
-    assert_eq!(defaults.max_queue_lifetime, Duration::from_secs(86_400));
-    assert!(!defaults.hold);
+        let bulk_defaults = policy.for_domain("unrelated.example", Lane::Bulk);
+        assert_eq!(
+            &*bulk_defaults.retry_schedule,
+            &[Duration::from_secs(300), Duration::from_secs(3600)]
+        );
+        assert_eq!(
+            bulk_defaults.max_queue_lifetime,
+            Duration::from_secs(5 * 86_400)
+        );
 
-    let bulk_defaults = policy.for_domain("unrelated.example", Lane::Bulk);
-    assert_eq!(
-        &*bulk_defaults.retry_schedule,
-        &[Duration::from_secs(300), Duration::from_secs(3600)]
-    );
-    assert_eq!(
-        bulk_defaults.max_queue_lifetime,
-        Duration::from_secs(5 * 86_400)
-    );
+        let partner = policy.for_domain("partner.example", Lane::Bulk);
+        assert_eq!(partner.tls, TlsMode::Verified);
+        assert_eq!(partner.max_queue_lifetime, Duration::from_secs(5 * 86_400));
 
-    let partner = policy.for_domain("partner.example", Lane::Bulk);
-    assert_eq!(partner.tls, TlsMode::Verified);
-    assert_eq!(partner.max_queue_lifetime, Duration::from_secs(5 * 86_400));
+        let wildcard = policy.for_domain("a.example.net", Lane::Bulk);
+        assert_eq!(wildcard.rate_per_sec, Some(2.5));
+        assert_eq!(
+            wildcard.burst, 3,
+            "burst defaults to one second of rate, rounded up"
+        );
 
-    let wildcard = policy.for_domain("a.example.net", Lane::Bulk);
-    assert_eq!(wildcard.rate_per_sec, Some(2.5));
-    assert_eq!(
-        wildcard.burst, 3,
-        "burst defaults to one second of rate, rounded up"
-    );
+        let eu = policy.for_domain("x.eu.example.net", Lane::Bulk);
+        assert_eq!(eu.burst, 40);
 
-    let eu = policy.for_domain("x.eu.example.net", Lane::Bulk);
-    assert_eq!(eu.burst, 40);
+        let held = policy.for_domain("mail.eu.example.net", Lane::Transactional);
+        assert!(held.hold);
+        assert_eq!(
+            held.rate_per_sec, None,
+            "rules do not inherit from shorter patterns"
+        );
 
-    let held = policy.for_domain("mail.eu.example.net", Lane::Transactional);
-    assert!(held.hold);
-    assert_eq!(
-        held.rate_per_sec, None,
-        "rules do not inherit from shorter patterns"
-    );
+        let munich = policy.for_domain("praxis.xn--mnchen-3ya.example", Lane::Transactional);
+        assert_eq!(&*munich.retry_schedule, &[Duration::from_secs(30)]);
+        assert_eq!(munich.max_queue_lifetime, Duration::from_secs(7200));
 
-    let munich = policy.for_domain("praxis.xn--mnchen-3ya.example", Lane::Transactional);
-    assert_eq!(&*munich.retry_schedule, &[Duration::from_secs(30)]);
-    assert_eq!(munich.max_queue_lifetime, Duration::from_secs(7200));
+        let lab = policy.for_domain("lab.example", Lane::Transactional);
+        assert_eq!(
+            lab.route,
+            Some(Route::Addr("[2001:db8::25]:25".parse().unwrap()))
+        );
+        assert_eq!(lab.max_messages_per_connection, 5);
 
-    let lab = policy.for_domain("lab.example", Lane::Transactional);
-    assert_eq!(
-        lab.route,
-        Some(Route::Addr("[2001:db8::25]:25".parse().unwrap()))
-    );
-    assert_eq!(lab.max_messages_per_connection, 5);
-
-    let relay = policy.for_mx_host("mx1.example.org", Lane::Bulk).unwrap();
-    assert_eq!(
-        relay.route,
-        Some(Route::Host {
-            host: "relay.example-health.org".to_string(),
-            port: 2525
-        })
-    );
+        let relay = policy.for_mx_host("mx1.example.org", Lane::Bulk).unwrap();
+        assert_eq!(
+            relay.route,
+            Some(Route::Host {
+                host: "relay.example-health.org".to_string(),
+                port: 2525
+            })
+        );
+    }
 }
 
 #[test]
 fn sender_categories() {
-    let policy = policy();
-    assert_eq!(
-        policy.sender_category("outreach.example-health.org"),
-        Some(Category::Care)
-    );
-    assert_eq!(policy.sender_category("billing.example-health.org"), None);
-    assert_eq!(policy.sender_category("partner.example"), None);
+    for policy in policies() {
+        assert_eq!(
+            policy.sender_category("outreach.example-health.org"),
+            Some(Category::Care)
+        );
+        assert_eq!(policy.sender_category("billing.example-health.org"), None);
+        assert_eq!(policy.sender_category("partner.example"), None);
+    }
 }
 
 #[test]
 fn explain_names_rule_and_sources() {
-    let policy = policy();
-    let text = policy.explain("Patient@Praxis.München.example", Lane::Transactional);
-    assert!(
-        text.contains("domain: praxis.xn--mnchen-3ya.example"),
-        "{text}"
-    );
-    assert!(text.contains("rule[5]"), "{text}");
-    assert!(text.contains("*.xn--mnchen-3ya.example"), "{text}");
-    assert!(text.contains("retry_schedule = [30s] (rule[5])"), "{text}");
-    assert!(
-        text.contains("tls = opportunistic (tls.default_mode)"),
-        "{text}"
-    );
-    assert!(
-        text.contains("max_connections = 8 (delivery.max_connections_per_destination)"),
-        "{text}"
-    );
+    for policy in policies() {
+        let text = policy.explain("Patient@Praxis.München.example", Lane::Transactional);
+        assert!(
+            text.contains("domain: praxis.xn--mnchen-3ya.example"),
+            "{text}"
+        );
+        assert!(text.contains("rule[5]"), "{text}");
+        assert!(text.contains("*.xn--mnchen-3ya.example"), "{text}");
+        assert!(text.contains("retry_schedule = [30s] (rule[5])"), "{text}");
+        assert!(
+            text.contains("tls = opportunistic (tls.default_mode)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("max_connections = 8 (delivery.max_connections_per_destination)"),
+            "{text}"
+        );
 
-    let text = policy.explain("someone@unrelated.example", Lane::Bulk);
-    assert!(text.contains("no domain rule"), "{text}");
-    assert!(text.contains("*.mail.protection.outlook.com"), "{text}");
-    assert!(text.contains("(lanes.bulk.max_queue_lifetime)"), "{text}");
+        let text = policy.explain("someone@unrelated.example", Lane::Bulk);
+        assert!(text.contains("no domain rule"), "{text}");
+        assert!(text.contains("*.mail.protection.outlook.com"), "{text}");
+        assert!(text.contains("(lanes.bulk.max_queue_lifetime)"), "{text}");
 
-    let text = policy.explain("outreach.example-health.org", Lane::Bulk);
-    assert!(text.contains("rule[10]"), "{text}");
-    assert!(text.contains("category care from rule[9]"), "{text}");
+        let text = policy.explain("outreach.example-health.org", Lane::Bulk);
+        assert!(text.contains("rule[10]"), "{text}");
+        assert!(text.contains("category care from rule[9]"), "{text}");
 
-    let text = policy.explain("bad address@", Lane::Bulk);
-    assert!(text.contains("invalid"), "{text}");
+        let text = policy.explain("bad address@", Lane::Bulk);
+        assert!(text.contains("invalid"), "{text}");
+    }
 }
 
 #[test]
@@ -354,4 +371,45 @@ fn compile_rejects_invalid_config_built_in_code() {
 fn policy_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Policy>();
+}
+
+#[test]
+fn compiled_file_rejects_damage() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("policy.compiled");
+    policy().write_compiled(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    let open_bytes = |bytes: &[u8]| {
+        std::fs::write(&path, bytes).unwrap();
+        match Policy::open_compiled(&path) {
+            Err(error @ CompiledPolicyError::Invalid { .. }) => error.to_string(),
+            other => panic!("expected an invalid file, got {other:?}"),
+        }
+    };
+    let mut flipped = good.clone();
+    let last = flipped.len() - 40;
+    flipped[last] ^= 0x20;
+    assert!(open_bytes(&flipped).contains("archive checksum"));
+    let mut header = good.clone();
+    header[9] ^= 0x01;
+    assert!(open_bytes(&header).contains("header checksum"));
+    assert!(open_bytes(&good[..good.len() - 8]).contains("truncated"));
+    assert!(open_bytes(&good[..12]).contains("shorter than"));
+    assert!(
+        open_bytes(b"[[rule]]\ndomain = \"x.example\"\nrate = 10.0\nhold = true\n")
+            .contains("magic")
+    );
+
+    let missing = Policy::open_compiled(&directory.path().join("missing")).unwrap_err();
+    assert!(
+        matches!(
+            missing,
+            CompiledPolicyError::Io {
+                operation: "open",
+                ..
+            }
+        ),
+        "{missing}"
+    );
 }

@@ -8,7 +8,10 @@ use std::process::Command;
 use common::{binary, state_dir};
 
 fn run(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(binary()).args(args).output().expect("run caduceus");
+    let output = Command::new(binary())
+        .args(args)
+        .output()
+        .expect("run caduceus");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -35,21 +38,30 @@ fn serve_refuses_root_without_user() {
     let config = state.path().join("caduceus.toml");
     std::fs::write(
         &config,
-        format!("state_dir = \"{}\"\n", state.path().join("engine").display()),
+        format!(
+            "state_dir = \"{}\"\n",
+            state.path().join("engine").display()
+        ),
     )
     .expect("write config");
     let (success, _, stderr) = run(&["serve", "--config", config.to_str().expect("utf-8 path")]);
     assert!(!success, "serve ran as root without a user");
     assert!(stderr.contains("refusing to run as root"), "{stderr}");
-    assert!(stderr.contains("user = "), "the message names the fix: {stderr}");
+    assert!(
+        stderr.contains("user = "),
+        "the message names the fix: {stderr}"
+    );
 }
 
 #[test]
 fn policy_check_names_file_line_and_column() {
     let state = state_dir();
     let config = state.path().join("broken.toml");
-    std::fs::write(&config, "hostname = \"mta.example.com\"\n\n[delivery]\nconect_timeout = \"5s\"\n")
-        .expect("write config");
+    std::fs::write(
+        &config,
+        "hostname = \"mta.example.com\"\n\n[delivery]\nconect_timeout = \"5s\"\n",
+    )
+    .expect("write config");
     let path = config.to_str().expect("utf-8 path");
     let (success, _, stderr) = run(&["policy", "check", path]);
     assert!(!success, "a misspelt key passed the check");
@@ -97,7 +109,10 @@ fn cores_rejects_overlapping_lanes() {
     .expect("write config");
     let (success, _, stderr) = run(&["cores", "--config", config.to_str().expect("utf-8 path")]);
     assert!(!success, "overlapping cores were accepted");
-    assert!(stderr.contains("transactional") && stderr.contains("bulk"), "{stderr}");
+    assert!(
+        stderr.contains("transactional") && stderr.contains("bulk"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -109,7 +124,12 @@ fn queue_without_engine_explains_itself() {
         format!("state_dir = \"{}\"\n", state.path().display()),
     )
     .expect("write config");
-    let (success, _, stderr) = run(&["queue", "list", "--config", config.to_str().expect("utf-8 path")]);
+    let (success, _, stderr) = run(&[
+        "queue",
+        "list",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ]);
     assert!(!success);
     assert!(stderr.contains("control.sock"), "{stderr}");
     assert!(stderr.contains("is `caduceus serve` running"), "{stderr}");

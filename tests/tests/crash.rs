@@ -65,8 +65,7 @@ fn inject(socket: &Path, sequences: Vec<u32>, acked: &Mutex<Vec<u32>>, stop: &At
     if read_code(&mut reader) != Some(220) {
         return;
     }
-    if writer.write_all(b"EHLO injector.test\r\n").is_err() || read_code(&mut reader) != Some(250)
-    {
+    if writer.write_all(b"EHLO injector.test\r\n").is_err() || read_code(&mut reader) != Some(250) {
         return;
     }
     for sequence in sequences {
@@ -79,7 +78,11 @@ fn inject(socket: &Path, sequences: Vec<u32>, acked: &Mutex<Vec<u32>>, stop: &At
         if writer.write_all(commands.as_bytes()).is_err() {
             return;
         }
-        let replies = [read_code(&mut reader), read_code(&mut reader), read_code(&mut reader)];
+        let replies = [
+            read_code(&mut reader),
+            read_code(&mut reader),
+            read_code(&mut reader),
+        ];
         if replies != [Some(250), Some(250), Some(354)] {
             return;
         }
@@ -107,7 +110,9 @@ fn inject_and_interrupt(
     let stop = Arc::new(AtomicBool::new(false));
     let mut injectors = Vec::new();
     for injector in 0..INJECTORS {
-        let sequences: Vec<u32> = (0..total).filter(|seq| seq % INJECTORS == injector).collect();
+        let sequences: Vec<u32> = (0..total)
+            .filter(|seq| seq % INJECTORS == injector)
+            .collect();
         let (acked, stop, socket) = (acked.clone(), stop.clone(), socket.clone());
         injectors.push(std::thread::spawn(move || {
             inject(&socket, sequences, &acked, &stop)
@@ -115,7 +120,10 @@ fn inject_and_interrupt(
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while acked.lock().expect("acked lock").len() < interrupt_at {
-        assert!(Instant::now() < deadline, "injection stalled before the interrupt");
+        assert!(
+            Instant::now() < deadline,
+            "injection stalled before the interrupt"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     interrupt();
@@ -123,14 +131,16 @@ fn inject_and_interrupt(
     for injector in injectors {
         injector.join().expect("injector thread");
     }
-    let acked = acked.lock().expect("acked lock").clone();
-    acked
+    acked.lock().expect("acked lock").clone()
 }
 
 /// Counts accepted copies per sequence number.
 fn copies(received: &[Received]) -> HashMap<u32, usize> {
     let mut counts = HashMap::new();
-    for message in received.iter().filter(|message| message.reply_code == Some(250)) {
+    for message in received
+        .iter()
+        .filter(|message| message.reply_code == Some(250))
+    {
         let text = String::from_utf8_lossy(&message.raw);
         let sequence = text
             .lines()
@@ -143,7 +153,11 @@ fn copies(received: &[Received]) -> HashMap<u32, usize> {
     counts
 }
 
-fn wait_for_all(receiver: &ScriptedReceiver, acked: &[u32], engine: &Engine) -> HashMap<u32, usize> {
+fn wait_for_all(
+    receiver: &ScriptedReceiver,
+    acked: &[u32],
+    engine: &Engine,
+) -> HashMap<u32, usize> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let counts = copies(&receiver.received());
@@ -168,8 +182,8 @@ fn wait_for_all(receiver: &ScriptedReceiver, acked: &[u32], engine: &Engine) -> 
 
 #[test]
 fn sigkill_halfway_loses_no_acknowledged_message() {
-    let receiver = ScriptedReceiver::start(listen_addr(60), Script::default())
-        .expect("receiver start");
+    let receiver =
+        ScriptedReceiver::start(listen_addr(60), Script::default()).expect("receiver start");
     let state = state_dir();
     let mut engine = Engine::start(&crash_config(&receiver), &state.path().join("engine"))
         .expect("engine start");
@@ -177,7 +191,9 @@ fn sigkill_halfway_loses_no_acknowledged_message() {
     let acked = inject_and_interrupt(socket, 10_000, 5_000, || {
         engine.sigkill().expect("SIGKILL");
     });
-    engine.wait_exit(Duration::from_secs(30)).expect("engine exit");
+    engine
+        .wait_exit(Duration::from_secs(30))
+        .expect("engine exit");
     engine.restart().expect("engine restart");
     let counts = wait_for_all(&receiver, &acked, &engine);
 
@@ -188,7 +204,10 @@ fn sigkill_halfway_loses_no_acknowledged_message() {
         acked.len(),
         unique.len()
     );
-    assert!(acked.len() >= 5_000, "the kill came after 5,000 acknowledgements");
+    assert!(
+        acked.len() >= 5_000,
+        "the kill came after 5,000 acknowledgements"
+    );
     assert!(
         duplicates <= MAX_CONNECTIONS,
         "{duplicates} duplicates exceed the {MAX_CONNECTIONS} deliveries that can be in flight"
@@ -197,8 +216,8 @@ fn sigkill_halfway_loses_no_acknowledged_message() {
 
 #[test]
 fn sigterm_under_load_drains_without_loss() {
-    let receiver = ScriptedReceiver::start(listen_addr(62), Script::default())
-        .expect("receiver start");
+    let receiver =
+        ScriptedReceiver::start(listen_addr(62), Script::default()).expect("receiver start");
     let state = state_dir();
     let mut engine = Engine::start(&crash_config(&receiver), &state.path().join("engine"))
         .expect("engine start");
@@ -206,10 +225,19 @@ fn sigterm_under_load_drains_without_loss() {
     let acked = inject_and_interrupt(socket, 3_000, 1_500, || {
         engine.sigterm().expect("SIGTERM");
     });
-    let status = engine.wait_exit(Duration::from_secs(60)).expect("engine exit");
-    assert!(status.success(), "a drained engine exits 0: {status:?}\n{}", engine.stderr());
+    let status = engine
+        .wait_exit(Duration::from_secs(60))
+        .expect("engine exit");
+    assert!(
+        status.success(),
+        "a drained engine exits 0: {status:?}\n{}",
+        engine.stderr()
+    );
     engine.restart().expect("engine restart");
     let counts = wait_for_all(&receiver, &acked, &engine);
     let duplicates: usize = counts.values().map(|copies| copies - 1).sum();
-    assert_eq!(duplicates, 0, "a drain finishes deliveries in flight, so none repeats");
+    assert_eq!(
+        duplicates, 0,
+        "a drain finishes deliveries in flight, so none repeats"
+    );
 }

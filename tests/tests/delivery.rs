@@ -14,9 +14,7 @@ use caduceus_tests::{
     DnsRecord, Dnsmasq, Engine, Lane, Plan, Postfix, PostfixOptions, Response, Script,
     ScriptedReceiver, Swaks, TestCa,
 };
-use common::{
-    WAIT, engine_config, listen_addr, loopback, state_dir, wait_for_log, wait_until,
-};
+use common::{WAIT, engine_config, listen_addr, loopback, state_dir, wait_for_log, wait_until};
 
 /// A message with Date and Message-ID, so that the engine adds only its
 /// Received header and the delivered copy can be compared byte for byte.
@@ -66,7 +64,10 @@ fn tls_delivery_to_postfix_is_byte_identical() {
     // The engine's Received header comes first (RFC 5321 §4.4), then the
     // message exactly as submitted.
     let (received, rest) = split_first_field(&text);
-    assert!(received.starts_with("Received: from "), "first field: {received}");
+    assert!(
+        received.starts_with("Received: from "),
+        "first field: {received}"
+    );
     assert!(received.contains("(Caduceus)"), "first field: {received}");
     // swaks dot-stuffs what it sends, so the content is MESSAGE exactly.
     assert_eq!(rest, expected_rest);
@@ -201,9 +202,15 @@ fn temporary_failure_is_retried_and_delivered_once() {
         .filter(|message| message.reply_code == Some(250))
         .collect();
     assert_eq!(accepted.len(), 1, "exactly one copy was accepted");
-    let deferred = log.iter().filter(|entry| entry["event"] == "deferred").count();
+    let deferred = log
+        .iter()
+        .filter(|entry| entry["event"] == "deferred")
+        .count();
     assert_eq!(deferred, 1, "one deferral before the delivery: {log:?}");
-    let delivered = log.iter().find(|entry| entry["event"] == "delivered").expect("delivered");
+    let delivered = log
+        .iter()
+        .find(|entry| entry["event"] == "delivered")
+        .expect("delivered");
     assert_eq!(delivered["attempt"], 2, "{delivered}");
 }
 
@@ -247,17 +254,32 @@ fn permanent_failure_sends_one_dsn_and_no_retry() {
             || dsn.contains("Final-Recipient: rfc822;nobody@example.test"),
         "{dsn}"
     );
-    assert!(dsn.contains("Return-Path: <>"), "a DSN has a null sender: {dsn}");
+    assert!(
+        dsn.contains("Return-Path: <>"),
+        "a DSN has a null sender: {dsn}"
+    );
     let log = engine.delivery_log().expect("delivery log");
-    assert_eq!(log.iter().filter(|entry| entry["event"] == "bounced").count(), 1, "{log:?}");
-    assert_eq!(log.iter().filter(|entry| entry["event"] == "deferred").count(), 0, "{log:?}");
+    assert_eq!(
+        log.iter()
+            .filter(|entry| entry["event"] == "bounced")
+            .count(),
+        1,
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|entry| entry["event"] == "deferred")
+            .count(),
+        0,
+        "{log:?}"
+    );
 }
 
 #[test]
 fn null_mx_bounces_without_connecting() {
     let listen = listen_addr(49);
-    let postfix = Postfix::start(PostfixOptions::receiver(listen, &["clinic.test"]))
-        .expect("postfix start");
+    let postfix =
+        Postfix::start(PostfixOptions::receiver(listen, &["clinic.test"])).expect("postfix start");
     // A receiver on the address the domain's A record names, which must
     // never see a connection (RFC 7505 §3: no fallback to A/AAAA).
     let web = ScriptedReceiver::start(
@@ -294,7 +316,10 @@ fn null_mx_bounces_without_connecting() {
     let messages = postfix.wait_for_messages(1, WAIT).expect("the DSN arrived");
     let dsn = String::from_utf8_lossy(&messages[0].raw);
     assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
-    assert!(web.commands().is_empty(), "no connection to the A record's host");
+    assert!(
+        web.commands().is_empty(),
+        "no connection to the A record's host"
+    );
     let log = engine.delivery_log().expect("delivery log");
     let bounced = log
         .iter()
@@ -306,8 +331,8 @@ fn null_mx_bounces_without_connecting() {
 
 #[test]
 fn held_destination_waits_for_release() {
-    let receiver = ScriptedReceiver::start(listen_addr(52), Script::default())
-        .expect("receiver start");
+    let receiver =
+        ScriptedReceiver::start(listen_addr(52), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"held.test\"\nroute = \"{}\"\n",
@@ -327,21 +352,25 @@ fn held_destination_waits_for_release() {
         assert!(output.status.success(), "swaks failed: {output:?}");
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert!(receiver.received().is_empty(), "a held destination got mail");
+    assert!(
+        receiver.received().is_empty(),
+        "a held destination got mail"
+    );
     let listing = common::caduceus(&["queue", "list", "--config"], &config_path);
     assert!(listing.contains("held.test"), "{listing}");
     assert!(listing.contains("yes"), "{listing}");
     common::caduceus(&["queue", "release", "held.test", "--config"], &config_path);
     receiver.wait_for(3, WAIT).expect("delivered after release");
-    let audit = std::fs::read_to_string(engine.state_dir().join("log/audit.log")).expect("audit log");
+    let audit =
+        std::fs::read_to_string(engine.state_dir().join("log/audit.log")).expect("audit log");
     assert!(audit.contains("queue.hold"), "{audit}");
     assert!(audit.contains("\"operator_uid\":0"), "{audit}");
 }
 
 #[test]
 fn engine_runs_as_unprivileged_user() {
-    let receiver = ScriptedReceiver::start(listen_addr(54), Script::default())
-        .expect("receiver start");
+    let receiver =
+        ScriptedReceiver::start(listen_addr(54), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n",

@@ -136,13 +136,20 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         )
         .await;
         from_pool = false;
-        record_results(&shard, &item, &envelope, &attempts, &stored.body, &rule, results);
+        record_results(
+            &shard,
+            &item,
+            &envelope,
+            &attempts,
+            &stored.body,
+            &rule,
+            results,
+        );
         if let Some(open) = &connection
             && open.messages_sent() >= rule.max_messages_per_connection.max(1)
+            && let Some(done) = connection.take()
         {
-            if let Some(done) = connection.take() {
-                done.quit().await;
-            }
+            done.quit().await;
         }
     }
     if let Some(open) = connection {
@@ -377,7 +384,10 @@ async fn targets(
                 .map_err(|error| dns_failure(error, host))?;
             Ok(vec![(
                 host.clone(),
-                addrs.into_iter().map(|ip| SocketAddr::new(ip, *port)).collect(),
+                addrs
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, *port))
+                    .collect(),
             )])
         }
         None => {
@@ -392,7 +402,10 @@ async fn targets(
                 match target.addrs {
                     Ok(addrs) => list.push((
                         target.host,
-                        addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(),
+                        addrs
+                            .into_iter()
+                            .map(|ip| SocketAddr::new(ip, port))
+                            .collect(),
                     )),
                     Err(error) => last_error = Some((error, target.host)),
                 }
@@ -502,7 +515,7 @@ fn record_results(
         .recipients
         .iter()
         .enumerate()
-        .zip(results.per_recipient.into_iter())
+        .zip(results.per_recipient)
     {
         let recipient = &envelope.recipients[*index as usize];
         let attempt_number = attempts[position] + 1;
@@ -524,14 +537,24 @@ fn record_results(
             }
             Attempt::Permanent(reply) => {
                 failed.push((*index, reply.clone(), attempt_number, false));
-                (Event::Bounced, RecipientState::Bounced, Outcome::Bounced, reply)
+                (
+                    Event::Bounced,
+                    RecipientState::Bounced,
+                    Outcome::Bounced,
+                    reply,
+                )
             }
             Attempt::Transient(reply) => {
                 let delay = retry_delay(&rule.retry_schedule, attempt_number);
                 let next = now.saturating_add(delay.as_micros() as u64);
                 if next >= expires_at {
                     failed.push((*index, reply.clone(), attempt_number, true));
-                    (Event::Expired, RecipientState::Expired, Outcome::Expired, reply)
+                    (
+                        Event::Expired,
+                        RecipientState::Expired,
+                        Outcome::Expired,
+                        reply,
+                    )
                 } else {
                     deferred_until = Some(deferred_until.map_or(next, |current| current.min(next)));
                     (
@@ -554,7 +577,17 @@ fn record_results(
             continue;
         }
         apply_outcome(shard, item.record, *index, state, outcome, attempt_number);
-        log_attempt(shard, &id, envelope, recipient, event, &reply, attempt_number, remote, state);
+        log_attempt(
+            shard,
+            &id,
+            envelope,
+            recipient,
+            event,
+            &reply,
+            attempt_number,
+            remote,
+            state,
+        );
     }
 
     if !failed.is_empty() {
@@ -567,7 +600,17 @@ fn record_results(
                 (Event::Bounced, RecipientState::Bounced, Outcome::Bounced)
             };
             apply_outcome(shard, item.record, *index, state, outcome, *attempt_number);
-            log_attempt(shard, &id, envelope, recipient, event, reply, *attempt_number, remote, state);
+            log_attempt(
+                shard,
+                &id,
+                envelope,
+                recipient,
+                event,
+                reply,
+                *attempt_number,
+                remote,
+                state,
+            );
         }
     }
     if !relayed.is_empty() {
@@ -603,11 +646,13 @@ fn record_results(
             });
         }
         if let Some(due_us) = deferred_until {
-            queue.deferrals.push(std::cmp::Reverse(super::queue::Deferral {
-                due_us,
-                record: item.record,
-                domain,
-            }));
+            queue
+                .deferrals
+                .push(std::cmp::Reverse(super::queue::Deferral {
+                    due_us,
+                    record: item.record,
+                    domain,
+                }));
         }
     }
 }
@@ -643,7 +688,13 @@ fn log_attempt(
     remote: &RemoteInfo,
     state: RecipientState,
 ) {
-    let mut entry = Entry::new(event, id, envelope.lane, envelope.category, envelope.received_at_us);
+    let mut entry = Entry::new(
+        event,
+        id,
+        envelope.lane,
+        envelope.category,
+        envelope.received_at_us,
+    );
     entry.recipient = Some(shard.log.recipient_field(&recipient.address));
     entry.remote_host = remote.host.as_deref();
     entry.remote_ip = remote.ip.map(|ip| ip.to_string());
@@ -704,7 +755,15 @@ fn expire(
         .read_message(item.record)
         .map(|stored| stored.body)
         .unwrap_or_default();
-    record_results(shard, item, envelope, attempts, &body, &expired_rule, results);
+    record_results(
+        shard,
+        item,
+        envelope,
+        attempts,
+        &body,
+        &expired_rule,
+        results,
+    );
 }
 
 /// Queues a DSN to the envelope sender for the given recipients, unless the
@@ -726,9 +785,7 @@ fn send_dsn(
         .filter(|(index, _, _, _)| {
             let notify_bits = envelope.recipients[*index as usize].notify;
             match action {
-                DsnAction::Failed => {
-                    notify_bits == 0 || notify_bits & notify::FAILURE != 0
-                }
+                DsnAction::Failed => notify_bits == 0 || notify_bits & notify::FAILURE != 0,
                 _ => notify_bits & notify::SUCCESS != 0,
             }
         })
@@ -881,11 +938,9 @@ pub async fn scheduler(shard: Rc<Shard>) {
             last_reserve_check = Instant::now();
             check_reserve(&shard);
         }
-        let sleep_us = shard
-            .queue
-            .borrow()
-            .next_due_us()
-            .map_or(100_000, |due| due.saturating_sub(now_us()).clamp(1_000, 100_000));
+        let sleep_us = shard.queue.borrow().next_due_us().map_or(100_000, |due| {
+            due.saturating_sub(now_us()).clamp(1_000, 100_000)
+        });
         glommio::timer::sleep(Duration::from_micros(sleep_us)).await;
     }
 }
@@ -894,13 +949,22 @@ fn check_reserve(shard: &Shard) {
     let dir = shard.config.spool_dir();
     match nix::sys::statvfs::statvfs(&dir) {
         Ok(stat) => {
-            let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+            let free = stat.blocks_available() * stat.fragment_size();
             let below = free < shard.config.spool.reserve_bytes;
             if below != shard.below_reserve.get() {
                 if below {
-                    tracing::warn!(core = shard.index, free_bytes = free, reserve_bytes = shard.config.spool.reserve_bytes, "spool: free space below the reserve; ingress answers 452 4.3.1 until space is freed");
+                    tracing::warn!(
+                        core = shard.index,
+                        free_bytes = free,
+                        reserve_bytes = shard.config.spool.reserve_bytes,
+                        "spool: free space below the reserve; ingress answers 452 4.3.1 until space is freed"
+                    );
                 } else {
-                    tracing::info!(core = shard.index, free_bytes = free, "spool: free space above the reserve again; ingress resumes");
+                    tracing::info!(
+                        core = shard.index,
+                        free_bytes = free,
+                        "spool: free space above the reserve again; ingress resumes"
+                    );
                 }
                 shard.below_reserve.set(below);
             }
@@ -972,9 +1036,26 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
                 .messages
                 .get(&record)
                 .map_or(0, |message| message.attempts(index as usize));
-            apply_outcome(shard, record, index, RecipientState::Bounced, Outcome::Bounced, attempts);
-            let mut entry = Entry::new(Event::Deleted, &id, envelope.lane, envelope.category, envelope.received_at_us);
-            entry.recipient = Some(shard.log.recipient_field(&envelope.recipients[index as usize].address));
+            apply_outcome(
+                shard,
+                record,
+                index,
+                RecipientState::Bounced,
+                Outcome::Bounced,
+                attempts,
+            );
+            let mut entry = Entry::new(
+                Event::Deleted,
+                &id,
+                envelope.lane,
+                envelope.category,
+                envelope.received_at_us,
+            );
+            entry.recipient = Some(
+                shard
+                    .log
+                    .recipient_field(&envelope.recipients[index as usize].address),
+            );
             entry.note = Some("deleted by operator");
             shard.log.write(&entry);
             count += 1;

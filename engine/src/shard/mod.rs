@@ -134,13 +134,14 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
     let tls = TlsContext::new(config.tls.ca_file.as_deref(), config.tls.session_resumption)
         .map_err(|error| format!("core {}: TLS setup failed: {error}", spec.index))?;
     let log_path = config.log_dir().join("delivery.log");
-    let log = DeliveryLog::open(&log_path, config.recipient_logging, site_key).map_err(|error| {
-        format!(
-            "core {}: delivery log {} failed to open: {error}",
-            spec.index,
-            log_path.display()
-        )
-    })?;
+    let log =
+        DeliveryLog::open(&log_path, config.recipient_logging, site_key).map_err(|error| {
+            format!(
+                "core {}: delivery log {} failed to open: {error}",
+                spec.index,
+                log_path.display()
+            )
+        })?;
     let transactional = spec.lanes.contains(&Lane::Transactional);
     let latency = if transactional {
         Latency::Matters(Duration::from_millis(1))
@@ -176,7 +177,11 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         let now = now_us();
         for message in recovered {
             let envelope = Rc::new(message.envelope);
-            queue.insert(message.record, QueuedMessage::new(envelope, message.states), now);
+            queue.insert(
+                message.record,
+                QueuedMessage::new(envelope, message.states),
+                now,
+            );
         }
     }
     tracing::info!(

@@ -89,7 +89,12 @@ impl Queue {
     /// Adds a message and makes every pending recipient whose attempt is
     /// due ready; the others get a deferral timer. Returns the domains that
     /// received ready work.
-    pub fn insert(&mut self, record: RecordRef, message: QueuedMessage, now_us: u64) -> Vec<Rc<str>> {
+    pub fn insert(
+        &mut self,
+        record: RecordRef,
+        message: QueuedMessage,
+        now_us: u64,
+    ) -> Vec<Rc<str>> {
         let mut due: HashMap<Rc<str>, Vec<u32>> = HashMap::new();
         let mut later: HashMap<Rc<str>, u64> = HashMap::new();
         for (index, recipient) in message.envelope.recipients.iter().enumerate() {
@@ -138,7 +143,8 @@ impl Queue {
             return key.clone();
         }
         let key: Rc<str> = Rc::from(domain);
-        self.destinations.insert(key.clone(), Destination::default());
+        self.destinations
+            .insert(key.clone(), Destination::default());
         key
     }
 
@@ -190,7 +196,11 @@ impl Queue {
 
     /// Makes every pending recipient of a domain due now (operator requeue).
     pub fn requeue_domain(&mut self, domain: &str, now_us: u64) -> usize {
-        let Some(key) = self.destinations.get_key_value(domain).map(|(key, _)| key.clone()) else {
+        let Some(key) = self
+            .destinations
+            .get_key_value(domain)
+            .map(|(key, _)| key.clone())
+        else {
             return 0;
         };
         let mut count = 0;
@@ -226,7 +236,9 @@ impl Queue {
 
     /// The earliest deferral, for the scheduler's sleep.
     pub fn next_due_us(&self) -> Option<u64> {
-        self.deferrals.peek().map(|Reverse(deferral)| deferral.due_us)
+        self.deferrals
+            .peek()
+            .map(|Reverse(deferral)| deferral.due_us)
     }
 
     /// Pending recipients per destination: (domain, pending, held).

@@ -55,7 +55,10 @@ pub fn engine_config(dns: Option<SocketAddr>) -> String {
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
