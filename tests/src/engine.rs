@@ -3,6 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
@@ -268,26 +269,71 @@ impl Drop for Engine {
 /// Finds the `caduceus` binary: `$CADUCEUS_BIN`, else next to the directory of
 /// the test executable (`target/<profile>/deps/<test>` has the binary at
 /// `target/<profile>/caduceus`).
-fn engine_binary() -> io::Result<PathBuf> {
+/// The `caduceus` binary: `$CADUCEUS_BIN` when set, otherwise the one in
+/// the running test's target directory, built on first use.
+///
+/// `cargo test --workspace` builds the binaries of the package under test
+/// only, and the engine is another package, so the first call runs
+/// `cargo build -p caduceus-engine --bin caduceus` in the same profile (a
+/// no-op when it is up to date). Cargo releases its build lock before it
+/// runs tests, so the nested build does not deadlock.
+pub fn engine_binary() -> io::Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     if let Some(path) = std::env::var_os("CADUCEUS_BIN") {
         return Ok(PathBuf::from(path));
     }
-    let executable = std::env::current_exe()?;
-    let profile_dir = executable.parent().and_then(Path::parent).ok_or_else(|| {
-        other_error(format!(
-            "no target directory above {}",
-            executable.display()
-        ))
-    })?;
+    BUILT
+        .get_or_init(build_engine_binary)
+        .clone()
+        .map_err(other_error)
+}
+
+fn build_engine_binary() -> Result<PathBuf, String> {
+    let executable = std::env::current_exe().map_err(|error| error.to_string())?;
+    let profile_dir = executable
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("no target directory above {}", executable.display()))?;
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| format!("no target directory above {}", profile_dir.display()))?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("debug");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "caduceus-engine",
+            "--bin",
+            "caduceus",
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile == "release" {
+        command.arg("--release");
+    }
+    let status = command
+        .status()
+        .map_err(|error| format!("cannot run cargo to build the engine: {error}"))?;
+    if !status.success() {
+        return Err(format!(
+            "`cargo build -p caduceus-engine` failed ({status})"
+        ));
+    }
     let binary = profile_dir.join("caduceus");
     if binary.is_file() {
         Ok(binary)
     } else {
-        Err(other_error(format!(
-            "{} not found; build it with `cargo build -p caduceus-engine` in the same profile, \
-             or set CADUCEUS_BIN",
+        Err(format!(
+            "{} not found after building; set CADUCEUS_BIN to the engine binary",
             binary.display()
-        )))
+        ))
     }
 }
 

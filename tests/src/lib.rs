@@ -25,7 +25,7 @@ mod receiver;
 pub use ca::TestCa;
 pub use clients::{Reply, SmtpClient, SmtpSourceOptions, Swaks, smtp_source};
 pub use dnsmasq::{DnsRecord, Dnsmasq};
-pub use engine::{Engine, Lane};
+pub use engine::{Engine, Lane, engine_binary};
 pub use net::{free_port, micros_since_epoch};
 pub use postfix::{DeliveredMessage, Postfix, PostfixOptions};
 pub use receiver::{Plan, Received, Response, Script, ScriptedReceiver};

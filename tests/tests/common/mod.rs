@@ -87,14 +87,7 @@ pub fn wait_for_log(
 
 /// The `caduceus` binary of this build.
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("CADUCEUS_BIN") {
-        return PathBuf::from(path);
-    }
-    let test = std::env::current_exe().expect("current exe");
-    test.parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("caduceus"))
-        .expect("target directory")
+    caduceus_tests::engine_binary().expect("engine binary")
 }
 
 /// Runs `caduceus ARGS... CONFIG` and returns its stdout; fails the test
