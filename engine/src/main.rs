@@ -46,6 +46,20 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Inspect the spool of a stopped engine.
+    Spool {
+        #[command(subcommand)]
+        action: SpoolAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Run a benchmark scenario (runs `caduceus-bench`, built from the
+    /// bench/ crate, with the same arguments).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -60,6 +74,18 @@ enum QueueAction {
     Delete { destination: String },
     /// Retry every pending recipient of a destination now.
     Requeue { destination: String },
+}
+
+#[derive(Subcommand)]
+enum SpoolAction {
+    /// Segments, bytes and records per shard, and how many messages are live.
+    Stats,
+    /// One line per record: location, kind, key id, lane and size. Message
+    /// content is not shown.
+    Ls,
+    /// Check every record's checksum and decrypt every payload; exits 1 when
+    /// any record is damaged or cannot be opened.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +117,8 @@ fn main() -> ExitCode {
         Command::Queue { action, config } => queue(action, config.as_deref()),
         Command::Cores { config } => print_cores(config.as_deref()),
         Command::Policy { action } => policy(action),
+        Command::Spool { action, config } => spool(action, config.as_deref()),
+        Command::Bench { args } => bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,6 +138,7 @@ fn init_logging(default_level: &str) {
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -205,6 +234,161 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
         println!("{response}");
     }
     Ok(())
+}
+
+fn spool(action: SpoolAction, config_path: Option<&Path>) -> Result<(), String> {
+    use caduceus_spool::inspect::{RecordSummary, scan};
+    let config = read_config(config_path)?;
+    let keyring = runtime::load_keyring(&config)?;
+    let dir = config.spool_dir();
+    let records = scan(&dir, keyring.as_ref()).map_err(|error| error.to_string())?;
+    match action {
+        SpoolAction::Ls => {
+            println!(
+                "{:>5} {:>22} {:<9} {:>6} {:<14} {:>10}  DETAIL",
+                "SHARD", "RECORD", "KIND", "KEY", "LANE", "BYTES"
+            );
+            for record in &records {
+                let lane = Lane::from_u8(record.lane).map_or("?", |lane| lane.as_str());
+                let (kind, detail) = match &record.summary {
+                    RecordSummary::Message { message_id, .. } => (
+                        "message",
+                        format!(
+                            "id {} recipients {}",
+                            message_id.as_deref().unwrap_or("(sealed)"),
+                            record.recipient_count
+                        ),
+                    ),
+                    RecordSummary::Outcome {
+                        message,
+                        recipient_index,
+                        outcome,
+                        ..
+                    } => (
+                        "outcome",
+                        format!(
+                            "for {} recipient {} {:?}",
+                            message.map_or("?".to_string(), |message| message.to_string()),
+                            recipient_index.map_or("?".to_string(), |index| index.to_string()),
+                            outcome
+                        ),
+                    ),
+                    RecordSummary::Damaged { reason } => ("damaged", reason.clone()),
+                    RecordSummary::TornTail { end_offset } => (
+                        "torn",
+                        format!("interrupted write up to offset {end_offset}"),
+                    ),
+                };
+                println!(
+                    "{:>5} {:>22} {:<9} {:>6} {:<14} {:>10}  {}",
+                    record.shard,
+                    record.record.to_string(),
+                    kind,
+                    record.key_id,
+                    lane,
+                    record.length_bytes,
+                    detail
+                );
+            }
+            Ok(())
+        }
+        SpoolAction::Stats => {
+            let mut segments = std::collections::BTreeSet::new();
+            let (mut messages, mut outcomes, mut damaged) = (0u64, 0u64, 0u64);
+            let mut final_recipients: std::collections::HashMap<
+                (u16, caduceus_spool::RecordRef),
+                u32,
+            > = std::collections::HashMap::new();
+            let mut recipients: std::collections::HashMap<(u16, caduceus_spool::RecordRef), u32> =
+                std::collections::HashMap::new();
+            for record in &records {
+                segments.insert((record.shard, record.record.segment));
+                match &record.summary {
+                    RecordSummary::Message { .. } => {
+                        messages += 1;
+                        recipients.insert((record.shard, record.record), record.recipient_count);
+                    }
+                    RecordSummary::Outcome {
+                        message: Some(message),
+                        outcome: Some(outcome),
+                        ..
+                    } => {
+                        outcomes += 1;
+                        if !matches!(outcome, caduceus_spool::Outcome::Deferred { .. }) {
+                            *final_recipients
+                                .entry((record.shard, *message))
+                                .or_default() += 1;
+                        }
+                    }
+                    RecordSummary::Outcome { .. } => outcomes += 1,
+                    RecordSummary::Damaged { .. } | RecordSummary::TornTail { .. } => damaged += 1,
+                }
+            }
+            let live = recipients
+                .iter()
+                .filter(|(key, count)| final_recipients.get(*key).copied().unwrap_or(0) < **count)
+                .count();
+            let bytes: u64 = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter_map(|entry| entry.metadata().ok())
+                        .map(|metadata| metadata.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            println!("spool: {}", dir.display());
+            println!("segments:        {}", segments.len());
+            println!("bytes on disk:   {bytes}");
+            println!("message records: {messages}");
+            println!("outcome records: {outcomes}");
+            println!("live messages:   {live}");
+            println!("damaged ranges:  {damaged}");
+            if keyring.is_none() {
+                println!("(encryption is off; outcome counts are exact)");
+            }
+            Ok(())
+        }
+        SpoolAction::Verify => {
+            let mut problems = 0;
+            for record in &records {
+                let problem = match &record.summary {
+                    RecordSummary::Damaged { reason } => Some(reason.clone()),
+                    RecordSummary::TornTail { end_offset } => {
+                        Some(format!("interrupted write up to offset {end_offset}"))
+                    }
+                    _ => record.payload_error.clone(),
+                };
+                if let Some(problem) = problem {
+                    problems += 1;
+                    println!("shard {} record {}: {problem}", record.shard, record.record);
+                }
+            }
+            println!("{} records checked, {problems} problems", records.len());
+            if problems > 0 {
+                return Err(format!("{problems} damaged or unreadable records"));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Replaces this process with `caduceus-bench` from the same directory.
+/// The harness lives in its own binary so that the MTA does not link the
+/// load generator and the Postfix comparison.
+fn bench(args: &[std::ffi::OsString]) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let own =
+        std::env::current_exe().map_err(|error| format!("cannot find this executable: {error}"))?;
+    let harness = own.with_file_name("caduceus-bench");
+    if !harness.is_file() {
+        return Err(format!(
+            "{} not found; build it with `cargo build --release -p caduceus-bench`",
+            harness.display()
+        ));
+    }
+    let error = std::process::Command::new(&harness).args(args).exec();
+    Err(format!("cannot run {}: {error}", harness.display()))
 }
 
 fn print_cores(config_path: Option<&Path>) -> Result<(), String> {

@@ -102,6 +102,7 @@ pub fn start(config: Config) -> Result<Engine, String> {
         control_senders.push(control_sender);
         let setup = ShardSetup {
             spec: spec.clone(),
+            executors: allocation.len() as u16,
             config: config.clone(),
             policy: policy.clone(),
             keyring: keyring.clone(),
@@ -239,7 +240,9 @@ fn restrict_mode(path: &Path, mode: u32) -> Result<(), String> {
         .map_err(|error| format!("cannot set mode {mode:o} on {}: {error}", path.display()))
 }
 
-fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
+/// Loads the spool keyring the config names, or `None` when encryption is
+/// off. Creates the key file on first use.
+pub fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
     if !config.spool.encryption {
         tracing::warn!(
             "spool: encryption at rest is off (spool.encryption = false); message content is stored in the clear"

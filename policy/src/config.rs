@@ -349,6 +349,10 @@ pub struct DeliveryConfig {
     pub idle_timeout: ConfigDuration,
     /// Concurrent deliveries per core, all destinations together.
     pub max_concurrent_deliveries: u32,
+    /// Texts (matched case-insensitively as substrings) that mark a 4xx
+    /// reply as the receiver asking to slow down; with any 421 they put the
+    /// destination into backoff.
+    pub push_back_patterns: Vec<String>,
 }
 
 impl Default for DeliveryConfig {
@@ -363,6 +367,17 @@ impl Default for DeliveryConfig {
             max_messages_per_connection: 100,
             idle_timeout: ConfigDuration::from_secs(30),
             max_concurrent_deliveries: 256,
+            push_back_patterns: [
+                "rate limit",
+                "try again later",
+                "too many",
+                "temporarily deferred",
+                "throttl",
+                "reduce",
+            ]
+            .iter()
+            .map(|pattern| pattern.to_string())
+            .collect(),
         }
     }
 }

@@ -229,7 +229,7 @@ pub struct StoredMessage {
 }
 
 /// Settings for one shard.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SpoolOptions {
     /// The spool directory, shared by all shards; created if missing.
     pub dir: PathBuf,

@@ -134,3 +134,49 @@ fn queue_without_engine_explains_itself() {
     assert!(stderr.contains("control.sock"), "{stderr}");
     assert!(stderr.contains("is `caduceus serve` running"), "{stderr}");
 }
+
+#[test]
+fn spool_commands_report_a_stopped_engine() {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"held.test\"\nroute = \"127.0.0.1:9\"\nhold = true\n",
+        common::engine_config(None)
+    );
+    let mut engine =
+        caduceus_tests::Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let acked = Mutex::new(Vec::new());
+    common::inject(
+        engine.socket(caduceus_tests::Lane::Bulk),
+        "held.test",
+        vec![1, 2, 3],
+        &acked,
+        &AtomicBool::new(false),
+    );
+    assert_eq!(acked.lock().expect("acked").len(), 3);
+    engine.sigterm().expect("SIGTERM");
+    engine
+        .wait_exit(std::time::Duration::from_secs(60))
+        .expect("engine exit");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let config_arg = config_path.to_str().expect("utf-8 path");
+
+    let (success, stdout, stderr) = run(&["spool", "stats", "--config", config_arg]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("live messages:   3"), "{stdout}");
+    assert!(stdout.contains("damaged ranges:  0"), "{stdout}");
+
+    let (success, stdout, stderr) = run(&["spool", "verify", "--config", config_arg]);
+    assert!(success, "{stdout}{stderr}");
+    assert!(stdout.contains("0 problems"), "{stdout}");
+
+    let (success, stdout, stderr) = run(&["spool", "ls", "--config", config_arg]);
+    assert!(success, "{stderr}");
+    assert_eq!(stdout.matches(" message ").count(), 3, "{stdout}");
+    assert!(
+        !stdout.contains("held.test"),
+        "ls shows no address: {stdout}"
+    );
+}

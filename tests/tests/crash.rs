@@ -9,15 +9,13 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use caduceus_tests::{Engine, Lane, Received, Script, ScriptedReceiver};
-use common::{engine_config, listen_addr, state_dir};
+use common::{engine_config, inject, listen_addr, state_dir};
 
 /// Connections per destination, which bounds the deliveries in flight at
 /// any moment and so the duplicates a crash may cause.
@@ -30,72 +28,6 @@ fn crash_config(receiver: &ScriptedReceiver) -> String {
         engine_config(None),
         receiver.addr()
     )
-}
-
-fn message(sequence: u32) -> Vec<u8> {
-    format!(
-        "From: news@clinic.test\r\nTo: member{sequence}@crash.test\r\nSubject: screening reminder\r\nX-Test-Seq: {sequence}\r\n\r\nBody of message {sequence}.\r\n"
-    )
-    .into_bytes()
-}
-
-/// Reads one reply (multi-line included) and returns its code.
-fn read_code(reader: &mut BufReader<UnixStream>) -> Option<u16> {
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if line.len() < 4 || line.as_bytes()[3] != b'-' {
-            return line.get(..3)?.parse().ok();
-        }
-    }
-}
-
-/// Injects the given sequence numbers over one connection until the engine
-/// goes away, recording each sequence number acknowledged with 250.
-fn inject(socket: &Path, sequences: Vec<u32>, acked: &Mutex<Vec<u32>>, stop: &AtomicBool) {
-    let Ok(stream) = UnixStream::connect(socket) else {
-        return;
-    };
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    if read_code(&mut reader) != Some(220) {
-        return;
-    }
-    if writer.write_all(b"EHLO injector.test\r\n").is_err() || read_code(&mut reader) != Some(250) {
-        return;
-    }
-    for sequence in sequences {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let commands = format!(
-            "MAIL FROM:<news@clinic.test>\r\nRCPT TO:<member{sequence}@crash.test>\r\nDATA\r\n"
-        );
-        if writer.write_all(commands.as_bytes()).is_err() {
-            return;
-        }
-        let replies = [
-            read_code(&mut reader),
-            read_code(&mut reader),
-            read_code(&mut reader),
-        ];
-        if replies != [Some(250), Some(250), Some(354)] {
-            return;
-        }
-        let mut data = message(sequence);
-        data.extend_from_slice(b".\r\n");
-        if writer.write_all(&data).is_err() {
-            return;
-        }
-        match read_code(&mut reader) {
-            Some(250) => acked.lock().expect("acked lock").push(sequence),
-            _ => return,
-        }
-    }
 }
 
 /// Runs `INJECTORS` connections over `sequences`, calling `interrupt` once
@@ -115,7 +47,7 @@ fn inject_and_interrupt(
             .collect();
         let (acked, stop, socket) = (acked.clone(), stop.clone(), socket.clone());
         injectors.push(std::thread::spawn(move || {
-            inject(&socket, sequences, &acked, &stop)
+            inject(&socket, "crash.test", sequences, &acked, &stop)
         }));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -240,4 +172,81 @@ fn sigterm_under_load_drains_without_loss() {
         duplicates, 0,
         "a drain finishes deliveries in flight, so none repeats"
     );
+}
+
+#[test]
+fn fewer_cores_after_restart_adopt_pending_mail() {
+    let receiver =
+        ScriptedReceiver::start(listen_addr(64), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"crash.test\"\nroute = \"{}\"\nhold = true\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    // First run: the default allocation, one executor per lane; the bulk
+    // lane's mail goes to shard 1 and stays there, held by policy.
+    let mut engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let socket = engine.socket(Lane::Bulk).to_path_buf();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    inject(
+        &socket,
+        "crash.test",
+        (0..20).collect(),
+        &acked,
+        &AtomicBool::new(false),
+    );
+    let acked = acked.lock().expect("acked lock").clone();
+    assert_eq!(acked.len(), 20);
+    engine.sigterm().expect("SIGTERM");
+    assert!(
+        engine
+            .wait_exit(Duration::from_secs(60))
+            .expect("exit")
+            .success()
+    );
+    let spool = engine.state_dir().join("spool");
+    let shard_one = std::fs::read_dir(&spool)
+        .expect("spool dir")
+        .flatten()
+        .any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("shard-00001-")
+        });
+    assert!(shard_one, "the bulk lane wrote shard 1");
+    drop(engine);
+
+    // Second run: one CPU, so one executor, which must adopt shard 1. The
+    // hold is lifted in the same config change.
+    let wrapper = state.path().join("one-cpu.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec taskset -c 0 {} \"$@\"\n",
+            common::binary().display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod wrapper");
+    let released = config.replace("hold = true\n", "");
+    let engine = Engine::start_binary(&wrapper, &released, &state.path().join("engine"))
+        .expect("engine restart on one CPU");
+    let counts = wait_for_all(&receiver, &acked, &engine);
+    assert_eq!(counts.len(), 20);
+    let shard_one_left = std::fs::read_dir(&spool)
+        .expect("spool dir")
+        .flatten()
+        .any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("shard-00001-")
+        });
+    assert!(!shard_one_left, "the adopted shard's files are removed");
 }

@@ -16,6 +16,7 @@ use rand::Rng;
 
 use super::Shard;
 use super::queue::{IdleConnection, QueuedMessage, WorkItem};
+use super::throttle::{self, TokenBucket};
 use crate::deliverylog::{Entry, Event, now_us};
 use crate::dns::DnsError;
 use crate::dsn::{DsnAction, DsnInput, DsnRecipient, build_dsn};
@@ -52,7 +53,8 @@ pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
                 .get(&first.record)
                 .map_or(Lane::Bulk, |message| message.envelope.lane);
             let rule = policy.for_domain(domain, lane);
-            let limit_reached = destination.active_workers >= rule.max_connections.max(1)
+            let connections = destination.backoff.connections(rule.max_connections.max(1));
+            let limit_reached = destination.active_workers >= connections
                 || destination.active_workers as usize >= destination.ready.len();
             let global_limit =
                 shard.inflight.get() >= shard.config.delivery.max_concurrent_deliveries;
@@ -116,6 +118,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             expire(&shard, &item, &envelope, &attempts, &rule);
             continue;
         }
+        pace(&shard, &domain, &rule).await;
         let stored = match shard.spool.read_message(item.record) {
             Ok(stored) => stored,
             Err(error) => {
@@ -136,6 +139,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         )
         .await;
         from_pool = false;
+        adjust_backoff(&shard, &domain, &rule, &results);
         record_results(
             &shard,
             &item,
@@ -168,6 +172,65 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
     shard.inflight.set(shard.inflight.get().saturating_sub(1));
     // Work may have arrived while this worker was finishing.
     dispatch(&shard, &domain);
+}
+
+/// Waits for the destination's token bucket when its rule sets a rate. The
+/// bucket's rate is the rule's rate scaled by the backoff factor.
+async fn pace(shard: &Shard, domain: &str, rule: &EffectiveRule) {
+    let Some(rate) = rule.rate_per_sec else {
+        return;
+    };
+    loop {
+        let wait = {
+            let mut queue = shard.queue.borrow_mut();
+            let Some(destination) = queue.destinations.get_mut(domain) else {
+                return;
+            };
+            let now = Instant::now();
+            let effective = rate * destination.backoff.factor();
+            let bucket = destination
+                .bucket
+                .get_or_insert_with(|| TokenBucket::new(effective, rule.burst, now));
+            if (bucket.rate_per_sec() - effective).abs() > f64::EPSILON {
+                bucket.set_rate(effective, now);
+            }
+            bucket.take(now)
+        };
+        match wait {
+            Ok(()) => return,
+            Err(duration) => glommio::timer::sleep(duration).await,
+        }
+    }
+}
+
+/// Cuts the destination's limits on push-back replies and raises them
+/// again after successful deliveries, logging each change.
+fn adjust_backoff(shard: &Shard, domain: &str, rule: &EffectiveRule, results: &ItemResults) {
+    let patterns = &shard.config.delivery.push_back_patterns;
+    let now = Instant::now();
+    let mut queue = shard.queue.borrow_mut();
+    let Some(destination) = queue.destinations.get_mut(domain) else {
+        return;
+    };
+    for attempt in &results.per_recipient {
+        let change = match attempt {
+            Attempt::Transient(reply) if throttle::is_push_back(reply, patterns) => destination
+                .backoff
+                .push_back(now)
+                .map(|change| (change, Some(reply))),
+            Attempt::Delivered(_) => destination.backoff.success().map(|change| (change, None)),
+            _ => None,
+        };
+        if let Some((change, reply)) = change {
+            let connections = destination.backoff.connections(rule.max_connections.max(1));
+            let rate = rule.rate_per_sec.map(|rate| rate * change.to);
+            if change.to < change.from {
+                tracing::warn!(core = shard.index, domain, factor = change.to, connections, rate_per_sec = ?rate, reply = %reply.map(Reply::to_diagnostic).unwrap_or_default(), "throttle: receiver pushed back; limits cut");
+            } else {
+                tracing::info!(core = shard.index, domain, factor = change.to, connections, rate_per_sec = ?rate, "throttle: limits raised after successful deliveries");
+            }
+        }
+    }
 }
 
 fn take_idle(shard: &Shard, domain: &str) -> Option<Connection> {

@@ -8,6 +8,7 @@
 mod admission;
 mod deliver;
 pub mod queue;
+pub mod throttle;
 
 use std::cell::{Cell, RefCell};
 use std::os::unix::net::UnixListener;
@@ -33,6 +34,9 @@ use queue::{Queue, QueuedMessage};
 /// Everything an executor needs to start, built on the main thread.
 pub struct ShardSetup {
     pub spec: ExecutorSpec,
+    /// How many executors run; shards numbered at or above it belong to an
+    /// earlier, larger allocation and are adopted (see `adopt_orphans`).
+    pub executors: u16,
     pub config: Arc<Config>,
     pub policy: Arc<PolicyCell>,
     pub keyring: Option<Keyring>,
@@ -97,6 +101,7 @@ struct Started {
 async fn start(setup: ShardSetup) -> Result<Started, String> {
     let ShardSetup {
         spec,
+        executors,
         config,
         policy,
         keyring,
@@ -113,12 +118,13 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         segment_size_bytes: config.spool.segment_size_bytes,
         commit_max_wait: config.spool.commit_max_wait.get(),
         commit_max_batch: config.spool.commit_max_batch,
-        keyring,
+        keyring: keyring.clone(),
         reserve_bytes: config.spool.reserve_bytes,
     };
-    let (spool, recovered, report) = SpoolShard::open(options)
+    let (spool, mut recovered, report) = SpoolShard::open(options.clone())
         .await
         .map_err(|error| format!("core {}: spool shard failed to open: {error}", spec.index))?;
+    adopt_orphans(&spool, &options, executors, &mut recovered).await?;
     tracing::info!(
         core = spec.index,
         cpu = spec.cpu,
@@ -274,6 +280,120 @@ async fn serve(started: Started) -> Result<(), String> {
         .await
         .map_err(|error| format!("core {}: final spool sync failed: {error}", shard.index))?;
     tracing::info!(core = shard.index, "core: stopped");
+    Ok(())
+}
+
+/// Moves the pending mail of shards that no executor owns any more (the
+/// allocation shrank since they were written) into this executor's shard.
+///
+/// Shard `j` is adopted by executor `j % executors`. Each pending message
+/// is appended to this executor's shard with its pending recipients only;
+/// once that copy is durable the old shard's files are deleted. A crash
+/// between the two leaves both copies, so the adopted mail may be
+/// delivered twice but is never lost.
+async fn adopt_orphans(
+    spool: &Rc<SpoolShard>,
+    options: &SpoolOptions,
+    executors: u16,
+    recovered: &mut Vec<caduceus_spool::RecoveredMessage>,
+) -> Result<(), String> {
+    let own = options.shard;
+    let orphans: Vec<u16> = existing_shards(&options.dir)
+        .into_iter()
+        .filter(|shard| *shard >= executors && shard % executors == own)
+        .collect();
+    for orphan in orphans {
+        let mut orphan_options = options.clone();
+        orphan_options.shard = orphan;
+        let (old, messages, _) = SpoolShard::open(orphan_options).await.map_err(|error| {
+            format!("core {own}: spool shard {orphan} failed to open for adoption: {error}")
+        })?;
+        let mut last_seq = None;
+        let mut adopted = Vec::new();
+        for message in messages {
+            let stored = old.read_message(message.record).map_err(|error| {
+                format!("core {own}: message {} of shard {orphan} unreadable during adoption: {error}; the shard is left in place", message.record)
+            })?;
+            let mut envelope = message.envelope;
+            let pending: Vec<bool> = message
+                .states
+                .iter()
+                .map(|state| !state.is_final())
+                .collect();
+            let mut index = 0;
+            envelope.recipients.retain(|_| {
+                index += 1;
+                pending[index - 1]
+            });
+            let states: Vec<_> = message
+                .states
+                .into_iter()
+                .filter(|state| !state.is_final())
+                .collect();
+            let (record, seq) = spool
+                .append_message(&envelope, &stored.body)
+                .map_err(|error| format!("core {own}: adopting shard {orphan} failed: {error}"))?;
+            last_seq = Some(seq);
+            adopted.push(caduceus_spool::RecoveredMessage {
+                record,
+                envelope,
+                states,
+            });
+        }
+        if let Some(seq) = last_seq {
+            spool.durable(seq).await.map_err(|error| {
+                format!("core {own}: adopting shard {orphan} failed to sync: {error}")
+            })?;
+        }
+        let _ = old.close().await;
+        drop(old);
+        remove_shard_files(&options.dir, orphan)?;
+        tracing::info!(
+            core = own,
+            shard = orphan,
+            messages = adopted.len(),
+            "core: adopted the pending mail of a shard no executor owns"
+        );
+        recovered.extend(adopted);
+    }
+    Ok(())
+}
+
+/// The shard numbers that have segment files in the spool directory.
+fn existing_shards(dir: &std::path::Path) -> Vec<u16> {
+    let mut shards: Vec<u16> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(caduceus_spool::storage::parse_segment_file_name)
+                .map(|(shard, _)| shard)
+        })
+        .collect();
+    shards.sort_unstable();
+    shards.dedup();
+    shards
+}
+
+fn remove_shard_files(dir: &std::path::Path, shard: u16) -> Result<(), String> {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let belongs = name
+            .to_str()
+            .and_then(caduceus_spool::storage::parse_segment_file_name)
+            .is_some_and(|(owner, _)| owner == shard);
+        if belongs {
+            std::fs::remove_file(entry.path()).map_err(|error| {
+                format!(
+                    "cannot remove {} after adopting its mail: {error}",
+                    entry.path().display()
+                )
+            })?;
+        }
+    }
     Ok(())
 }
 

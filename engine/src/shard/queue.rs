@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use caduceus_spool::{Envelope, RecipientState, RecordRef};
 
+use super::throttle::{Backoff, TokenBucket};
 use crate::outbound::Connection;
 
 /// A message with at least one recipient that is not final.
@@ -67,6 +68,10 @@ pub struct Destination {
     pub active_workers: u32,
     pub idle: Vec<IdleConnection>,
     pub held: bool,
+    /// Paces messages when the destination's rule sets a rate; created on
+    /// first use.
+    pub bucket: Option<TokenBucket>,
+    pub backoff: Backoff,
 }
 
 /// A deferral timer entry: at `due_us`, the pending recipients of `record`

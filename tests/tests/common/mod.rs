@@ -1,10 +1,14 @@
 //! Shared pieces of the end-to-end tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use caduceus_tests::{Engine, free_port};
@@ -104,4 +108,85 @@ pub fn caduceus(args: &[&str], config: &Path) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A small message carrying its sequence number in `X-Test-Seq`.
+pub fn message(sequence: u32, domain: &str) -> Vec<u8> {
+    format!(
+        "From: news@clinic.test\r\nTo: member{sequence}@{domain}\r\nSubject: screening reminder\r\nX-Test-Seq: {sequence}\r\n\r\nBody of message {sequence}.\r\n"
+    )
+    .into_bytes()
+}
+
+/// The sequence number of a received message, from `X-Test-Seq`.
+pub fn sequence_of(raw: &[u8]) -> Option<u32> {
+    String::from_utf8_lossy(raw)
+        .lines()
+        .find_map(|line| line.strip_prefix("X-Test-Seq: "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Reads one reply (multi-line included) and returns its code.
+pub fn read_code(reader: &mut BufReader<UnixStream>) -> Option<u16> {
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return line.get(..3)?.parse().ok();
+        }
+    }
+}
+
+/// Injects the given sequence numbers over one connection until the engine
+/// goes away, recording each sequence number acknowledged with 250.
+pub fn inject(
+    socket: &Path,
+    domain: &str,
+    sequences: Vec<u32>,
+    acked: &Mutex<Vec<u32>>,
+    stop: &AtomicBool,
+) {
+    let Ok(stream) = UnixStream::connect(socket) else {
+        return;
+    };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    if read_code(&mut reader) != Some(220) {
+        return;
+    }
+    if writer.write_all(b"EHLO injector.test\r\n").is_err() || read_code(&mut reader) != Some(250) {
+        return;
+    }
+    for sequence in sequences {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let commands = format!(
+            "MAIL FROM:<news@clinic.test>\r\nRCPT TO:<member{sequence}@{domain}>\r\nDATA\r\n"
+        );
+        if writer.write_all(commands.as_bytes()).is_err() {
+            return;
+        }
+        let replies = [
+            read_code(&mut reader),
+            read_code(&mut reader),
+            read_code(&mut reader),
+        ];
+        if replies != [Some(250), Some(250), Some(354)] {
+            return;
+        }
+        let mut data = message(sequence, domain);
+        data.extend_from_slice(b".\r\n");
+        if writer.write_all(&data).is_err() {
+            return;
+        }
+        match read_code(&mut reader) {
+            Some(250) => acked.lock().expect("acked lock").push(sequence),
+            _ => return,
+        }
+    }
 }
