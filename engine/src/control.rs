@@ -19,10 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use caduceus_policy::lists::{
+    Change, ChangeOp, Entry, ImportList, ImportOptions, ListStore, Reason, import_csv,
+};
+use caduceus_policy::{SiteKey, normalise_address};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::{Value, json};
 
 use crate::deliverylog::now_us;
+use crate::policy_swap::PolicyCell;
 
 /// A command for one executor.
 #[derive(Clone, Debug)]
@@ -47,12 +52,40 @@ pub const CONTROL_CHANNEL_CAPACITY: usize = 64;
 /// How long the control thread waits for each executor's answer.
 const EXECUTOR_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Capacity of the channel on which executors report addresses to
+/// suppress after a permanent "no such user" failure. When it is full the
+/// executor logs the address's HMAC and drops the report: suppression is
+/// an optimisation that the next bounce repeats, never a delivery fault.
+pub const SUPPRESSION_CHANNEL_CAPACITY: usize = 4096;
+
 /// The state behind the control socket.
 pub struct ControlPlane {
     pub executors: Vec<crossbeam_channel::Sender<ControlRequest>>,
     pub holds_file: PathBuf,
     pub audit_file: PathBuf,
     pub shutdown: Arc<AtomicBool>,
+    /// Consent and suppression lists; only this thread changes them.
+    pub lists: ListStore,
+    pub site_key: SiteKey,
+    /// Suppressions reported by the executors (hard bounces).
+    pub auto_suppress: crossbeam_channel::Receiver<Change>,
+    pub policy: Arc<PolicyCell>,
+    /// The config file to recompile on `policy.reload`; `None` when the
+    /// engine runs on built-in defaults.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Recompiles the policy from the config file and swaps it in. A policy
+/// that fails to compile is rejected and the old one stays in force.
+pub fn reload_policy(config_path: Option<&Path>, cell: &PolicyCell) -> Result<usize, String> {
+    let config = match config_path {
+        Some(path) => caduceus_policy::load_config(path).map_err(|error| error.to_string())?,
+        None => caduceus_policy::config::Config::default(),
+    };
+    let policy = caduceus_policy::Policy::compile(&config).map_err(|error| error.to_string())?;
+    let rules = policy.rule_count();
+    cell.store(policy);
+    Ok(rules)
 }
 
 /// Reads the destinations the operator held, saved across restarts.
@@ -75,13 +108,14 @@ fn save_holds(path: &Path, holds: &BTreeSet<String>) -> std::io::Result<()> {
 
 impl ControlPlane {
     /// Serves the socket until shutdown. Runs on its own thread.
-    pub fn serve(self, listener: UnixListener) {
+    pub fn serve(mut self, listener: UnixListener) {
         let mut holds: BTreeSet<String> = load_holds(&self.holds_file).into_iter().collect();
         if let Err(error) = listener.set_nonblocking(true) {
             tracing::error!(%error, "control: socket could not be made non-blocking; control commands are unavailable");
             return;
         }
         while !self.shutdown.load(Ordering::Acquire) {
+            self.take_auto_suppressions();
             match listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(error) = self.handle(stream, &mut holds) {
@@ -99,7 +133,27 @@ impl ControlPlane {
         }
     }
 
-    fn handle(&self, stream: UnixStream, holds: &mut BTreeSet<String>) -> std::io::Result<()> {
+    /// Journals the suppressions the executors reported since the last
+    /// call, in one batch.
+    fn take_auto_suppressions(&mut self) {
+        let changes: Vec<Change> = self.auto_suppress.try_iter().collect();
+        if changes.is_empty() {
+            return;
+        }
+        match self.lists.apply(&changes) {
+            Ok(()) => tracing::info!(
+                count = changes.len(),
+                "lists: suppressed addresses after permanent no-such-user failures"
+            ),
+            Err(error) => tracing::error!(
+                count = changes.len(),
+                %error,
+                "lists: automatic suppressions could not be journalled and are dropped"
+            ),
+        }
+    }
+
+    fn handle(&mut self, stream: UnixStream, holds: &mut BTreeSet<String>) -> std::io::Result<()> {
         stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let credentials = getsockopt(&stream, PeerCredentials)
@@ -123,13 +177,29 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn execute(&self, request: &Value, uid: u32, holds: &mut BTreeSet<String>) -> Value {
+    fn execute(&mut self, request: &Value, uid: u32, holds: &mut BTreeSet<String>) -> Value {
         let command = request.get("command").and_then(Value::as_str).unwrap_or("");
         let destination = request
             .get("destination")
             .and_then(Value::as_str)
             .map(|text| text.trim().trim_end_matches('.').to_ascii_lowercase());
-        self.audit(uid, command, destination.as_deref());
+        if let Some(response) = self.execute_lists(request, command, uid) {
+            return response;
+        }
+        if command == "policy.reload" {
+            self.audit(uid, command, None, None);
+            return match reload_policy(self.config_path.as_deref(), &self.policy) {
+                Ok(rules) => {
+                    tracing::info!(rules, operator_uid = uid, "policy: reloaded");
+                    json!({"ok": true, "rules": rules})
+                }
+                Err(error) => {
+                    tracing::error!(%error, "policy: reload rejected; the previous policy stays in force");
+                    json!({"ok": false, "error": format!("reload rejected, the previous policy stays in force: {error}")})
+                }
+            };
+        }
+        self.audit(uid, command, destination.as_deref(), None);
         let needs_destination = |build: fn(String) -> ControlCommand| match &destination {
             Some(domain) if !domain.is_empty() => Ok(build(domain.clone())),
             _ => Err(
@@ -144,7 +214,7 @@ impl ControlPlane {
             "queue.requeue" => needs_destination(ControlCommand::Requeue),
             "ping" => return json!({"ok": true}),
             other => {
-                return json!({"ok": false, "error": format!("unknown command {other:?}; expected queue.list, queue.hold, queue.release, queue.delete, queue.requeue or ping")});
+                return json!({"ok": false, "error": format!("unknown command {other:?}; expected queue.list, queue.hold, queue.release, queue.delete, queue.requeue, suppress.add, suppress.remove, suppress.check, suppress.import, consent.add, consent.remove, consent.check, consent.import, policy.reload or ping")});
             }
         };
         let executor_command = match executor_command {
@@ -169,6 +239,116 @@ impl ControlPlane {
         }
         let answers = self.broadcast(executor_command);
         json!({"ok": true, "executors": answers})
+    }
+
+    /// Runs the `suppress.*` and `consent.*` commands; `None` for any
+    /// other command. Addresses are hashed at once and never stored or
+    /// logged in the clear.
+    fn execute_lists(&mut self, request: &Value, command: &str, uid: u32) -> Option<Value> {
+        let (list, action) = command.split_once('.')?;
+        if list != "suppress" && list != "consent" {
+            return None;
+        }
+        let reason = match request.get("reason").and_then(Value::as_str) {
+            None => Reason::OptOut,
+            Some(text) => match Reason::parse(text) {
+                Some(reason) => reason,
+                None => {
+                    return Some(
+                        json!({"ok": false, "error": format!("invalid reason {text:?}: expected opt-out, hard-bounce or complaint")}),
+                    );
+                }
+            },
+        };
+        let entry = if list == "consent" {
+            Entry::Consent
+        } else {
+            Entry::Suppression(reason)
+        };
+        if action == "import" {
+            self.audit(uid, command, None, None);
+            return Some(self.import(request, list, reason));
+        }
+        let Some(address) = request.get("address").and_then(Value::as_str) else {
+            return Some(json!({"ok": false, "error": format!("{command} needs an \"address\"")}));
+        };
+        let hmac = match normalise_address(address) {
+            Ok(_) => self.site_key.hmac_address(address),
+            Err(error) => {
+                return Some(json!({"ok": false, "error": format!("invalid address: {error}")}));
+            }
+        };
+        self.audit(uid, command, None, Some(&hex::encode(hmac)));
+        let op = match action {
+            "add" => ChangeOp::Add,
+            "remove" => ChangeOp::Remove,
+            "check" => {
+                let lists = self.lists.snapshot();
+                let suppressed: Vec<&str> = Reason::ALL
+                    .into_iter()
+                    .filter(|reason| lists.contains(&hmac, Entry::Suppression(*reason)))
+                    .map(Reason::as_str)
+                    .collect();
+                return Some(json!({
+                    "ok": true,
+                    "consent": lists.contains(&hmac, Entry::Consent),
+                    "suppressed": suppressed,
+                }));
+            }
+            other => {
+                return Some(
+                    json!({"ok": false, "error": format!("unknown action {other:?}: expected add, remove, check or import")}),
+                );
+            }
+        };
+        let change = Change {
+            op,
+            entry,
+            hmac,
+            time_unix_ms: now_us() / 1000,
+        };
+        Some(match self.lists.apply(&[change]) {
+            Ok(()) => json!({"ok": true}),
+            Err(error) => {
+                json!({"ok": false, "error": format!("the change could not be journalled: {error}")})
+            }
+        })
+    }
+
+    /// Imports a CSV file (`address[,reason]`) that the engine's user can
+    /// read. Hashing runs on this thread and one more, never on a lane core.
+    fn import(&mut self, request: &Value, list: &str, reason: Reason) -> Value {
+        let Some(path) = request.get("path").and_then(Value::as_str) else {
+            return json!({"ok": false, "error": "import needs a \"path\" to a CSV file"});
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(error) => {
+                return json!({"ok": false, "error": format!("cannot open {path}: {error}; the engine's user must be able to read it")});
+            }
+        };
+        let options = ImportOptions {
+            list: if list == "consent" {
+                ImportList::Consent
+            } else {
+                ImportList::Suppression {
+                    default_reason: Some(reason),
+                }
+            },
+            threads: 2,
+        };
+        let started = std::time::Instant::now();
+        let imported = match import_csv(std::io::BufReader::new(file), &self.site_key, &options) {
+            Ok(imported) => imported,
+            Err(error) => return json!({"ok": false, "error": format!("{path}: {error}")}),
+        };
+        let count = imported.len();
+        match self.lists.import(imported) {
+            Ok(()) => {
+                json!({"ok": true, "imported": count, "elapsed_ms": started.elapsed().as_millis() as u64})
+            }
+            Err(error) => json!({"ok": false, "error": format!("import failed: {error}")}),
+        }
     }
 
     fn broadcast(&self, command: ControlCommand) -> Vec<Value> {
@@ -196,13 +376,20 @@ impl ControlPlane {
             .collect()
     }
 
-    fn audit(&self, uid: u32, command: &str, destination: Option<&str>) {
+    fn audit(
+        &self,
+        uid: u32,
+        command: &str,
+        destination: Option<&str>,
+        address_hmac: Option<&str>,
+    ) {
         let line = json!({
             "at_us": now_us(),
             "event": "admin",
             "operator_uid": uid,
             "command": command,
             "destination": destination,
+            "address_hmac": address_hmac,
         });
         let result = OpenOptions::new()
             .create(true)

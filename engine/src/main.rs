@@ -46,6 +46,21 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Change or query the suppression list of a running engine (opt-outs,
+    /// hard bounces, complaints).
+    Suppress {
+        #[command(subcommand)]
+        action: ListAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Change or query the marketing consent list of a running engine.
+    Consent {
+        #[command(subcommand)]
+        action: ListAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Inspect the spool of a stopped engine.
     Spool {
         #[command(subcommand)]
@@ -77,6 +92,33 @@ enum QueueAction {
 }
 
 #[derive(Subcommand)]
+enum ListAction {
+    /// Add an address.
+    Add {
+        address: String,
+        /// For suppressions: opt-out, hard-bounce or complaint.
+        #[arg(long, default_value = "opt-out")]
+        reason: String,
+    },
+    /// Remove an address.
+    Remove {
+        address: String,
+        #[arg(long, default_value = "opt-out")]
+        reason: String,
+    },
+    /// Show whether an address has consent and which suppressions it has.
+    Check { address: String },
+    /// Add every address of a CSV file (`address[,reason]`, one per line).
+    /// The engine reads the file, so its user must be able to.
+    Import {
+        file: PathBuf,
+        /// Reason for lines without one (suppressions only).
+        #[arg(long, default_value = "opt-out")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum SpoolAction {
     /// Segments, bytes and records per shard, and how many messages are live.
     Stats,
@@ -92,6 +134,20 @@ enum SpoolAction {
 enum PolicyAction {
     /// Validate a configuration file; errors give file:line:column.
     Check { file: PathBuf },
+    /// Recompile the config file's rules in the running engine; deliveries
+    /// in flight finish under the old rules.
+    Reload {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Compile the rules into a binary table file (an rkyv archive).
+    Compile {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to write the table.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Show which rule applies to an address, and why.
     Explain {
         address: String,
@@ -118,6 +174,8 @@ fn main() -> ExitCode {
         Command::Cores { config } => print_cores(config.as_deref()),
         Command::Policy { action } => policy(action),
         Command::Spool { action, config } => spool(action, config.as_deref()),
+        Command::Suppress { action, config } => lists("suppress", action, config.as_deref()),
+        Command::Consent { action, config } => lists("consent", action, config.as_deref()),
         Command::Bench { args } => bench(&args),
     };
     match result {
@@ -155,10 +213,15 @@ fn serve(config_path: Option<&Path>) -> Result<(), String> {
     let config = read_config(config_path)?;
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|error| format!("cannot install signal handlers: {error}"))?;
-    let engine = runtime::start(config)?;
+    let engine = runtime::start_with_config_file(config, config_path.map(Path::to_path_buf))?;
     for signal in signals.forever() {
         match signal {
-            SIGHUP => reload(config_path, &engine),
+            SIGHUP => match control::reload_policy(config_path, &engine.policy) {
+                Ok(rules) => tracing::info!(rules, "policy: reloaded on SIGHUP"),
+                Err(error) => {
+                    tracing::error!(%error, "policy: reload rejected; the previous policy stays in force")
+                }
+            },
             _ => {
                 tracing::info!(signal, "engine: draining on signal");
                 engine.request_shutdown();
@@ -167,22 +230,6 @@ fn serve(config_path: Option<&Path>) -> Result<(), String> {
         }
     }
     engine.wait()
-}
-
-/// Recompiles the policy from the config file and swaps it in. A policy
-/// that fails to compile is rejected and the old one stays in force.
-fn reload(config_path: Option<&Path>, engine: &runtime::Engine) {
-    let compiled = read_config(config_path)
-        .and_then(|config| Policy::compile(&config).map_err(|error| error.to_string()));
-    match compiled {
-        Ok(policy) => {
-            engine.policy.store(policy);
-            tracing::info!("policy: reloaded");
-        }
-        Err(error) => {
-            tracing::error!(%error, "policy: reload rejected; the previous policy stays in force");
-        }
-    }
 }
 
 fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> {
@@ -202,14 +249,7 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
             json!({"command": "queue.requeue", "destination": destination})
         }
     };
-    let response = control::request(&config.control_socket(), &request)?;
-    if response.get("ok").and_then(|ok| ok.as_bool()) != Some(true) {
-        let error = response
-            .get("error")
-            .and_then(|error| error.as_str())
-            .unwrap_or("the engine rejected the command");
-        return Err(error.to_string());
-    }
+    let response = control_request(&config, &request)?;
     if let QueueAction::List = action {
         println!(
             "{:<40} {:>10} {:>6} {:>5}",
@@ -234,6 +274,47 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
         println!("{response}");
     }
     Ok(())
+}
+
+fn lists(list: &str, action: ListAction, config_path: Option<&Path>) -> Result<(), String> {
+    let config = read_config(config_path)?;
+    let request = match &action {
+        ListAction::Add { address, reason } => {
+            json!({"command": format!("{list}.add"), "address": address, "reason": reason})
+        }
+        ListAction::Remove { address, reason } => {
+            json!({"command": format!("{list}.remove"), "address": address, "reason": reason})
+        }
+        ListAction::Check { address } => {
+            json!({"command": format!("{list}.check"), "address": address})
+        }
+        ListAction::Import { file, reason } => {
+            let path = file
+                .canonicalize()
+                .map_err(|error| format!("cannot read {}: {error}", file.display()))?;
+            json!({"command": format!("{list}.import"), "path": path, "reason": reason})
+        }
+    };
+    let response = control_request(&config, &request)?;
+    println!("{response}");
+    Ok(())
+}
+
+/// Sends a command over the control socket; an `ok: false` answer becomes
+/// the error.
+fn control_request(
+    config: &Config,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let response = control::request(&config.control_socket(), request)?;
+    if response.get("ok").and_then(|ok| ok.as_bool()) != Some(true) {
+        let error = response
+            .get("error")
+            .and_then(|error| error.as_str())
+            .unwrap_or("the engine rejected the command");
+        return Err(error.to_string());
+    }
+    Ok(response)
 }
 
 fn spool(action: SpoolAction, config_path: Option<&Path>) -> Result<(), String> {
@@ -416,6 +497,21 @@ fn policy(action: PolicyAction) -> Result<(), String> {
             let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
             println!("{}: valid ({} rules)", file.display(), config.rules.len());
             drop(policy);
+            Ok(())
+        }
+        PolicyAction::Reload { config } => {
+            let config = read_config(config.as_deref())?;
+            let response = control_request(&config, &json!({"command": "policy.reload"}))?;
+            println!("policy reloaded ({} rules)", response["rules"]);
+            Ok(())
+        }
+        PolicyAction::Compile { config, out } => {
+            let config = load_config(&config).map_err(|error| error.to_string())?;
+            let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
+            policy
+                .write_compiled(&out)
+                .map_err(|error| format!("cannot write {}: {error}", out.display()))?;
+            println!("{}: {} rules compiled", out.display(), policy.rule_count());
             Ok(())
         }
         PolicyAction::Explain {

@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -15,7 +15,11 @@ use caduceus_policy::{Lane, Policy, SiteKey};
 use caduceus_spool::Keyring;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use crate::control::{CONTROL_CHANNEL_CAPACITY, ControlPlane, load_holds};
+use caduceus_policy::lists::ListStore;
+
+use crate::control::{
+    CONTROL_CHANNEL_CAPACITY, ControlPlane, SUPPRESSION_CHANNEL_CAPACITY, load_holds,
+};
 use crate::cores::{ExecutorSpec, allocate, available_cpus};
 use crate::policy_swap::PolicyCell;
 use crate::shard::{self, ShardSetup};
@@ -33,8 +37,17 @@ pub struct Engine {
 }
 
 /// Starts every executor and returns once each has recovered its spool and
-/// its sockets accept connections.
+/// its sockets accept connections. `policy.reload` over the control socket
+/// then recompiles the built-in defaults; see [`start_with_config_file`].
 pub fn start(config: Config) -> Result<Engine, String> {
+    start_with_config_file(config, None)
+}
+
+/// Like [`start`], with the config file that `policy.reload` recompiles.
+pub fn start_with_config_file(
+    config: Config,
+    config_path: Option<PathBuf>,
+) -> Result<Engine, String> {
     let config = Arc::new(config);
     let allocation = allocate(&config, &available_cpus())?;
     let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
@@ -46,6 +59,7 @@ pub fn start(config: Config) -> Result<Engine, String> {
         config.spool_dir(),
         config.log_dir(),
         config.state_dir.join("keys"),
+        config.state_dir.join("lists"),
     ] {
         std::fs::create_dir_all(&dir).map_err(|error| {
             format!(
@@ -60,6 +74,20 @@ pub fn start(config: Config) -> Result<Engine, String> {
     let keyring = load_keyring(&config)?;
     let site_key_path = config.state_dir.join("keys").join("site.key");
     let site_key = SiteKey::load_or_create(&site_key_path).map_err(|error| error.to_string())?;
+    let lists_dir = config.state_dir.join("lists");
+    let lists = ListStore::open(
+        &lists_dir.join("lists.bin"),
+        &lists_dir.join("journal.log"),
+        site_key.clone(),
+    )
+    .map_err(|error| {
+        format!(
+            "consent and suppression lists in {} failed to load: {error}",
+            lists_dir.display()
+        )
+    })?;
+    let (auto_suppress_sender, auto_suppress) =
+        crossbeam_channel::bounded(SUPPRESSION_CHANNEL_CAPACITY);
 
     let mut lane_listeners: Vec<(Lane, UnixListener)> = Vec::new();
     for lane in Lane::ALL {
@@ -107,6 +135,8 @@ pub fn start(config: Config) -> Result<Engine, String> {
             policy: policy.clone(),
             keyring: keyring.clone(),
             site_key: site_key.clone(),
+            lists: lists.published(),
+            auto_suppress: auto_suppress_sender.clone(),
             listeners,
             control: control_receiver,
             shutdown: shutdown.clone(),
@@ -164,6 +194,11 @@ pub fn start(config: Config) -> Result<Engine, String> {
         holds_file,
         audit_file: config.log_dir().join("audit.log"),
         shutdown: shutdown.clone(),
+        lists,
+        site_key,
+        auto_suppress,
+        policy: policy.clone(),
+        config_path,
     };
     let control = std::thread::Builder::new()
         .name("caduceus-control".into())

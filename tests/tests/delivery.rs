@@ -147,7 +147,7 @@ fn mx_failover_to_second_preference() {
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
     let output = Swaks::socket(engine.socket(Lane::Bulk))
-        .from("news@clinic.test")
+        .from(common::CARE_SENDER)
         .to("bob@failover.test")
         .data(MESSAGE)
         .run()
@@ -306,8 +306,8 @@ fn null_mx_bounces_without_connecting() {
         listen.port()
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
-    let output = Swaks::socket(engine.socket(Lane::Bulk))
-        .from("news@clinic.test")
+    let output = Swaks::socket(engine.socket(Lane::Transactional))
+        .from("reminders@clinic.test")
         .to("someone@nomail.test")
         .data(MESSAGE)
         .run()
@@ -344,7 +344,7 @@ fn held_destination_waits_for_release() {
     common::caduceus(&["queue", "hold", "held.test", "--config"], &config_path);
     for index in 0..3 {
         let output = Swaks::socket(engine.socket(Lane::Bulk))
-            .from("news@clinic.test")
+            .from(common::CARE_SENDER)
             .to(&format!("member{index}@held.test"))
             .data(MESSAGE)
             .run()

@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use caduceus_policy::{Category, Lane};
+use caduceus_policy::{Category, Lane, Verdict};
 use caduceus_spool::{AppendError, Envelope, MessageId, Recipient, RecipientState};
 
 use super::Shard;
@@ -51,21 +51,34 @@ impl Admission for ShardAdmission {
     fn admit_rcpt(
         &self,
         _lane: Lane,
-        _category: Category,
-        _sender: &str,
-        _recipient: &SubmittedRecipient,
+        category: Category,
+        sender: &str,
+        recipient: &SubmittedRecipient,
     ) -> Result<(), Reply> {
-        // TODO: consent and suppression lists (marketing needs recorded
-        // opt-in; every category honours hard-bounce and complaint
-        // suppression). Until they exist every syntactically valid
-        // recipient is accepted.
-        Ok(())
+        let category = self.sender_category(sender).unwrap_or(category);
+        self.check_lists(category, &recipient.address)
     }
 
-    async fn submit(&self, submission: Submission) -> Result<(), Reply> {
+    async fn submit(&self, mut submission: Submission) -> Result<(), Reply> {
         let shard = &self.shard;
         let received_at_us = now_us();
         let lane_config = shard.config.lanes.get(submission.lane);
+        // Precedence: an X-Caduceus-Category header (the session has
+        // applied it when it differs from the lane's default), then the
+        // sender domain's policy, then the lane's default. RCPT was checked
+        // under the latter two; a header that changes the category means
+        // every recipient is checked again, and one refusal rejects the
+        // message, because SMTP cannot refuse single recipients after DATA.
+        let checked_category = self
+            .sender_category(&submission.sender)
+            .unwrap_or(lane_config.default_category);
+        if submission.category == lane_config.default_category {
+            submission.category = checked_category;
+        } else if submission.category != checked_category {
+            for recipient in &submission.recipients {
+                self.check_lists(submission.category, &recipient.address)?;
+            }
+        }
         let lifetime_us = lane_config.max_queue_lifetime.get().as_micros() as u64;
         let envelope = Envelope {
             message_id: MessageId(submission.message_id),
@@ -135,6 +148,36 @@ impl Admission for ShardAdmission {
             deliver::dispatch(shard, &domain);
         }
         Ok(())
+    }
+}
+
+impl ShardAdmission {
+    /// The category that policy sets for mail from the sender's domain.
+    fn sender_category(&self, sender: &str) -> Option<Category> {
+        let (_, domain) = sender.rsplit_once('@')?;
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.shard.current_policy().sender_category(&domain)
+    }
+
+    /// Applies consent and suppression: marketing needs recorded opt-in
+    /// and no suppression of any kind; care honours opt-outs, hard bounces
+    /// and complaints; transactional honours hard bounces and complaints.
+    /// The reply states the reason in general terms only.
+    fn check_lists(&self, category: Category, address: &str) -> Result<(), Reply> {
+        let hmac = self.shard.site_key.hmac_address(address);
+        match self.shard.lists.load().check(&hmac, category) {
+            Verdict::Allowed => Ok(()),
+            Verdict::NoConsent => Err(Reply::new(
+                550,
+                EnhancedStatus::new(5, 7, 1),
+                "Recipient has not consented to marketing mail",
+            )),
+            Verdict::Suppressed(_) => Err(Reply::new(
+                550,
+                EnhancedStatus::new(5, 7, 1),
+                "Recipient is on the suppression list",
+            )),
+        }
     }
 }
 

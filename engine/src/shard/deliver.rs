@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use caduceus_policy::lists::{self, Change, ChangeOp, Reason};
 use caduceus_policy::{EffectiveRule, Lane, Route};
 use caduceus_spool::{Envelope, MessageId, Outcome, Recipient, RecipientState, RecordRef, notify};
 use rand::Rng;
@@ -599,6 +600,9 @@ fn record_results(
                 )
             }
             Attempt::Permanent(reply) => {
+                if is_no_such_user(&reply) {
+                    suppress_hard_bounce(shard, &recipient.address);
+                }
                 failed.push((*index, reply.clone(), attempt_number, false));
                 (
                     Event::Bounced,
@@ -717,6 +721,44 @@ fn record_results(
                     domain,
                 }));
         }
+    }
+}
+
+/// Whether a permanent failure says the mailbox does not exist: status
+/// X.1.1 (RFC 3463: bad destination mailbox address), or a 550 whose text
+/// says so where the server gives no enhanced status.
+fn is_no_such_user(reply: &Reply) -> bool {
+    if !reply.is_permanent() {
+        return false;
+    }
+    match reply.status {
+        Some(status) => status.subject == 1 && status.detail == 1,
+        None => {
+            let text = reply.lines.join(" ").to_ascii_lowercase();
+            reply.code == 550
+                && [
+                    "no such user",
+                    "user unknown",
+                    "unknown user",
+                    "does not exist",
+                ]
+                .iter()
+                .any(|phrase| text.contains(phrase))
+        }
+    }
+}
+
+/// Reports a hard bounce to the control thread, which adds the address to
+/// the suppression list.
+fn suppress_hard_bounce(shard: &Shard, address: &str) {
+    let change = Change {
+        op: ChangeOp::Add,
+        entry: lists::Entry::Suppression(Reason::HardBounce),
+        hmac: shard.site_key.hmac_address(address),
+        time_unix_ms: now_us() / 1000,
+    };
+    if shard.auto_suppress.try_send(change).is_err() {
+        tracing::warn!(core = shard.index, address_hmac = %hex::encode(&change.hmac[..8]), "lists: suppression channel full; this hard bounce is not suppressed");
     }
 }
 

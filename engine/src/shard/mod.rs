@@ -18,8 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use caduceus_policy::config::Config;
-use caduceus_policy::{Lane, Policy, SiteKey};
+use caduceus_policy::lists::Change;
+use caduceus_policy::{Lane, Lists, Policy, SiteKey};
 use caduceus_spool::{Keyring, RecordRef, Shard as SpoolShard, SpoolOptions};
 use glommio::{Latency, Shares, TaskQueueHandle};
 
@@ -41,6 +43,10 @@ pub struct ShardSetup {
     pub policy: Arc<PolicyCell>,
     pub keyring: Option<Keyring>,
     pub site_key: SiteKey,
+    /// Consent and suppression lists, published by the control thread.
+    pub lists: Arc<ArcSwap<Lists>>,
+    /// Where hard bounces are reported for automatic suppression.
+    pub auto_suppress: crossbeam_channel::Sender<Change>,
     /// The submission sockets this executor accepts on, one per lane.
     pub listeners: Vec<(Lane, UnixListener)>,
     pub control: crossbeam_channel::Receiver<ControlRequest>,
@@ -58,6 +64,9 @@ pub struct Shard {
     pub resolver: Rc<Resolver>,
     pub tls: Rc<TlsContext>,
     pub log: Rc<DeliveryLog>,
+    pub site_key: SiteKey,
+    pub lists: Arc<ArcSwap<Lists>>,
+    pub auto_suppress: crossbeam_channel::Sender<Change>,
     pub queue: RefCell<Queue>,
     pub hostname: Rc<str>,
     /// Deliveries in flight on this executor, all destinations together.
@@ -106,6 +115,8 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         policy,
         keyring,
         site_key,
+        lists,
+        auto_suppress,
         listeners,
         control,
         shutdown,
@@ -140,14 +151,15 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
     let tls = TlsContext::new(config.tls.ca_file.as_deref(), config.tls.session_resumption)
         .map_err(|error| format!("core {}: TLS setup failed: {error}", spec.index))?;
     let log_path = config.log_dir().join("delivery.log");
-    let log =
-        DeliveryLog::open(&log_path, config.recipient_logging, site_key).map_err(|error| {
+    let log = DeliveryLog::open(&log_path, config.recipient_logging, site_key.clone()).map_err(
+        |error| {
             format!(
                 "core {}: delivery log {} failed to open: {error}",
                 spec.index,
                 log_path.display()
             )
-        })?;
+        },
+    )?;
     let transactional = spec.lanes.contains(&Lane::Transactional);
     let latency = if transactional {
         Latency::Matters(Duration::from_millis(1))
@@ -165,6 +177,9 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         resolver: Rc::new(resolver),
         tls: Rc::new(tls),
         log: Rc::new(log),
+        site_key,
+        lists,
+        auto_suppress,
         queue: RefCell::new(Queue::default()),
         inflight: Cell::new(0),
         draining: Cell::new(false),

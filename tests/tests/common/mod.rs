@@ -36,10 +36,15 @@ pub fn state_dir() -> tempfile::TempDir {
     dir
 }
 
+/// Sender whose mail policy classes as care, so that bulk-lane tests need
+/// no recorded consent (the bulk lane's default category is marketing).
+pub const CARE_SENDER: &str = "news@care.clinic.test";
+
 /// The settings every test shares: the engine drops root to `nobody`, as
-/// production does, the spool is sized for a test, and DNS goes to `dns`
-/// (a test's dnsmasq) or to a loopback port where nothing answers, so that
-/// no test ever queries the machine's own resolver.
+/// production does, the spool is sized for a test, DNS goes to `dns` (a
+/// test's dnsmasq) or to a loopback port where nothing answers, so that no
+/// test ever queries the machine's own resolver, and mail from
+/// `CARE_SENDER`'s domain is care mail.
 pub fn engine_config(dns: Option<SocketAddr>) -> String {
     let nameserver = dns.map_or_else(|| "127.0.0.1:9".to_string(), |addr| addr.to_string());
     format!(
@@ -52,7 +57,11 @@ pub fn engine_config(dns: Option<SocketAddr>) -> String {
          \n\
          [dns]\n\
          nameservers = [\"{nameserver}\"]\n\
-         timeout = \"1s\"\n"
+         timeout = \"1s\"\n\
+         \n\
+         [[rule]]\n\
+         domain = \"care.clinic.test\"\n\
+         sender_category = \"care\"\n"
     )
 }
 
@@ -113,7 +122,7 @@ pub fn caduceus(args: &[&str], config: &Path) -> String {
 /// A small message carrying its sequence number in `X-Test-Seq`.
 pub fn message(sequence: u32, domain: &str) -> Vec<u8> {
     format!(
-        "From: news@clinic.test\r\nTo: member{sequence}@{domain}\r\nSubject: screening reminder\r\nX-Test-Seq: {sequence}\r\n\r\nBody of message {sequence}.\r\n"
+        "From: {CARE_SENDER}\r\nTo: member{sequence}@{domain}\r\nSubject: screening reminder\r\nX-Test-Seq: {sequence}\r\n\r\nBody of message {sequence}.\r\n"
     )
     .into_bytes()
 }
@@ -165,9 +174,8 @@ pub fn inject(
         if stop.load(Ordering::Acquire) {
             return;
         }
-        let commands = format!(
-            "MAIL FROM:<news@clinic.test>\r\nRCPT TO:<member{sequence}@{domain}>\r\nDATA\r\n"
-        );
+        let commands =
+            format!("MAIL FROM:<{CARE_SENDER}>\r\nRCPT TO:<member{sequence}@{domain}>\r\nDATA\r\n");
         if writer.write_all(commands.as_bytes()).is_err() {
             return;
         }

@@ -1,0 +1,220 @@
+//! Consent, suppression and policy reload against a running engine.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use caduceus_tests::{
+    Engine, Lane, Postfix, PostfixOptions, Script, ScriptedReceiver, SmtpClient, Swaks,
+};
+use common::{WAIT, caduceus, engine_config, inject, listen_addr, state_dir, wait_for_log};
+
+fn config_path(engine: &Engine) -> std::path::PathBuf {
+    engine.state_dir().join("caduceus.toml")
+}
+
+/// Connects to a lane socket and reads the greeting.
+fn connect(socket: &std::path::Path) -> SmtpClient {
+    let mut client = SmtpClient::connect_unix(socket).expect("connect");
+    assert_eq!(client.read_reply().expect("greeting").code, 220);
+    client
+}
+
+fn rcpt_code(client: &mut SmtpClient, address: &str) -> u16 {
+    client
+        .command(&format!("RCPT TO:<{address}>"))
+        .expect("RCPT reply")
+        .code
+}
+
+#[test]
+fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
+    let receiver =
+        ScriptedReceiver::start(listen_addr(80), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"patients.test\"\nroute = \"{}\"\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    caduceus(
+        &["consent", "add", "opted-in@patients.test", "--config"],
+        &config_file,
+    );
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "complained@patients.test",
+            "--reason",
+            "complaint",
+            "--config",
+        ],
+        &config_file,
+    );
+
+    // The bulk socket's default category is marketing.
+    let mut client = connect(engine.socket(Lane::Bulk));
+    client.command("EHLO campaigns.test").expect("EHLO");
+    assert_eq!(
+        client
+            .command("MAIL FROM:<news@clinic.test>")
+            .expect("MAIL")
+            .code,
+        250
+    );
+    assert_eq!(rcpt_code(&mut client, "no-consent@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "opted-in@patients.test"), 250);
+    assert_eq!(rcpt_code(&mut client, "complained@patients.test"), 550);
+    assert_eq!(client.command("DATA").expect("DATA").code, 354);
+    client
+        .send_raw(b"Subject: screening\r\n\r\nBook your screening.\r\n.\r\n")
+        .expect("body");
+    assert_eq!(client.read_reply().expect("final reply").code, 250);
+
+    // Transactional mail needs no consent but honours the complaint.
+    let mut client = connect(engine.socket(Lane::Transactional));
+    client.command("EHLO ehr.test").expect("EHLO");
+    assert_eq!(
+        client
+            .command("MAIL FROM:<reminders@clinic.test>")
+            .expect("MAIL")
+            .code,
+        250
+    );
+    assert_eq!(rcpt_code(&mut client, "no-consent@patients.test"), 250);
+    assert_eq!(rcpt_code(&mut client, "complained@patients.test"), 550);
+
+    let received = receiver
+        .wait_for(1, WAIT)
+        .expect("the consented recipient's copy");
+    assert_eq!(received[0].rcpt_to.len(), 1, "{:?}", received[0].rcpt_to);
+    assert!(received[0].rcpt_to[0].contains("opted-in@patients.test"));
+
+    let check = caduceus(
+        &["suppress", "check", "complained@patients.test", "--config"],
+        &config_file,
+    );
+    assert!(check.contains("complaint"), "{check}");
+    let audit = std::fs::read_to_string(engine.state_dir().join("log/audit.log")).expect("audit");
+    assert!(audit.contains("suppress.add"), "{audit}");
+    assert!(
+        !audit.contains("complained@patients.test"),
+        "the audit log holds the address's HMAC, not the address: {audit}"
+    );
+}
+
+#[test]
+fn no_such_user_bounce_suppresses_the_address() {
+    let listen = listen_addr(82);
+    let _postfix = Postfix::start(PostfixOptions {
+        recipient_access: vec![("gone@example.test".into(), "550 5.1.1 no such user".into())],
+        ..PostfixOptions::receiver(listen, &["example.test", "clinic.test"])
+    })
+    .expect("postfix start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"example.test\"\nroute = \"{listen}\"\n\n[[rule]]\ndomain = \"clinic.test\"\nroute = \"{listen}\"\n",
+        engine_config(None)
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let output = Swaks::socket(engine.socket(Lane::Transactional))
+        .from("reminders@clinic.test")
+        .to("gone@example.test")
+        .run()
+        .expect("swaks");
+    assert!(output.status.success(), "{output:?}");
+    wait_for_log(&engine, |entry| entry["event"] == "bounced", WAIT);
+    let config_file = config_path(&engine);
+    common::wait_until(WAIT, || {
+        caduceus(
+            &["suppress", "check", "gone@example.test", "--config"],
+            &config_file,
+        )
+        .contains("hard-bounce")
+    });
+    let mut client = connect(engine.socket(Lane::Transactional));
+    client.command("EHLO ehr.test").expect("EHLO");
+    client
+        .command("MAIL FROM:<reminders@clinic.test>")
+        .expect("MAIL");
+    assert_eq!(rcpt_code(&mut client, "gone@example.test"), 550);
+}
+
+#[test]
+fn reload_under_load_loses_nothing_and_rejects_a_broken_policy() {
+    let receiver =
+        ScriptedReceiver::start(listen_addr(84), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"reload.test\"\nroute = \"{}\"\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    let socket = engine.socket(Lane::Bulk).to_path_buf();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let injectors: Vec<_> = (0..4u32)
+        .map(|part| {
+            let (socket, acked) = (socket.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let sequences = (0..20_000)
+                    .filter(|sequence| sequence % 4 == part)
+                    .collect();
+                inject(
+                    &socket,
+                    "reload.test",
+                    sequences,
+                    &acked,
+                    &AtomicBool::new(false),
+                );
+            })
+        })
+        .collect();
+    for _ in 0..50 {
+        caduceus(&["policy", "reload", "--config"], &config_file);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A broken policy is rejected with its location, both by the CLI and
+    // by the engine on SIGHUP, and the old policy stays in force.
+    let good = std::fs::read_to_string(&config_file).expect("config");
+    let broken_line = good.lines().count() + 4;
+    std::fs::write(
+        &config_file,
+        format!("{good}\n[[rule]]\ndomain = \"x.test\"\nrate = -1.0\n"),
+    )
+    .expect("write broken config");
+    let output = std::process::Command::new(common::binary())
+        .args(["policy", "reload", "--config"])
+        .arg(&config_file)
+        .output()
+        .expect("run reload");
+    assert!(!output.status.success(), "a broken policy was accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let location = format!("caduceus.toml:{broken_line}:");
+    assert!(
+        stderr.contains(&location),
+        "expected {location} in {stderr}"
+    );
+    let pid = nix::unistd::Pid::from_raw(engine.pid().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    common::wait_until(WAIT, || engine.stderr().contains("reload rejected"));
+    let log = engine.stderr();
+    assert!(log.contains("previous policy stays in force"), "{log}");
+    assert!(log.contains(&location), "{log}");
+    std::fs::write(&config_file, good).expect("restore config");
+
+    for injector in injectors {
+        injector.join().expect("injector");
+    }
+    let acked = acked.lock().expect("acked").clone();
+    assert_eq!(acked.len(), 20_000);
+    receiver
+        .wait_for(20_000, Duration::from_secs(120))
+        .expect("every message delivered across 50 reloads");
+}
