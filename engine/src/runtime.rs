@@ -200,9 +200,13 @@ pub fn start_with_config_file(
         policy: policy.clone(),
         config_path,
     };
+    let control_cpus = control_plane_cpus(&allocation);
     let control = std::thread::Builder::new()
         .name("caduceus-control".into())
-        .spawn(move || plane.serve(control_listener))
+        .spawn(move || {
+            pin_current_thread(&control_cpus);
+            plane.serve(control_listener)
+        })
         .map_err(|error| format!("cannot start the control thread: {error}"))?;
     tracing::info!(executors = allocation.len(), "engine: started");
     Ok(Engine {
@@ -267,6 +271,37 @@ fn raise_memlock_limit() {
             soft_bytes = soft,
             "engine: RLIMIT_MEMLOCK could not be raised; io_uring buffers may go unregistered (raise it with `ulimit -l` or LimitMEMLOCK=infinity)"
         );
+    }
+}
+
+/// The CPUs control-plane threads may run on: those of the bulk lane's
+/// executors, so that list imports, reloads and reports never take time
+/// from a transactional core. With a single executor serving both lanes
+/// there is no other choice than its CPU.
+pub fn control_plane_cpus(allocation: &[ExecutorSpec]) -> Vec<usize> {
+    let bulk: Vec<usize> = allocation
+        .iter()
+        .filter(|spec| spec.lanes == [Lane::Bulk])
+        .map(|spec| spec.cpu)
+        .collect();
+    if bulk.is_empty() {
+        allocation.iter().map(|spec| spec.cpu).collect()
+    } else {
+        bulk
+    }
+}
+
+/// Restricts the calling thread to `cpus`; logs and carries on when the
+/// kernel refuses.
+pub fn pin_current_thread(cpus: &[usize]) {
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in cpus {
+        if set.set(*cpu).is_err() {
+            return;
+        }
+    }
+    if let Err(error) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+        tracing::warn!(?cpus, %error, "engine: control-plane thread could not be restricted to the bulk lane's CPUs");
     }
 }
 

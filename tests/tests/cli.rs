@@ -180,3 +180,15 @@ fn spool_commands_report_a_stopped_engine() {
         "ls shows no address: {stdout}"
     );
 }
+
+#[test]
+fn two_core_tuning_profile_is_valid() {
+    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/2-cores.toml");
+    let (success, stdout, stderr) = run(&["cores", "--config", profile]);
+    assert!(success, "{stderr}");
+    assert!(
+        stdout.contains("executor 0 on CPU 0: transactional"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("executor 1 on CPU 1: bulk"), "{stdout}");
+}
