@@ -198,6 +198,11 @@ fn fewer_cores_after_restart_adopt_pending_mail() {
     );
     let acked = acked.lock().expect("acked lock").clone();
     assert_eq!(acked.len(), 20);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        receiver.received().is_empty(),
+        "a destination held by policy got mail"
+    );
     engine.sigterm().expect("SIGTERM");
     assert!(
         engine

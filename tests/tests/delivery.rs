@@ -410,3 +410,52 @@ fn engine_runs_as_unprivileged_user() {
             .unwrap_or(false)
     });
 }
+
+#[test]
+fn own_lifetime_expires_the_message_early() {
+    let deferring = ScriptedReceiver::start(
+        listen_addr(56),
+        Script {
+            rcpt: Plan::always(Response::reply(451, "4.3.0 try again later")),
+            ..Script::default()
+        },
+    )
+    .expect("deferring receiver start");
+    let sender_mx =
+        ScriptedReceiver::start(listen_addr(57), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[lanes.transactional]\nretry_schedule = [\"1s\"]\n\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n\n[[rule]]\ndomain = \"clinic.test\"\nroute = \"{}\"\n",
+        engine_config(None),
+        deferring.addr(),
+        sender_mx.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let reset = b"From: accounts@clinic.test\r\nTo: <erin@example.test>\r\nSubject: Password reset\r\nX-Caduceus-Lifetime: 3s\r\n\r\nUse this link within the hour.\r\n";
+    let output = Swaks::socket(engine.socket(Lane::Transactional))
+        .from("accounts@clinic.test")
+        .to("erin@example.test")
+        .data(reset)
+        .run()
+        .expect("swaks");
+    assert!(output.status.success(), "swaks failed: {output:?}");
+    let dsn = sender_mx.wait_for(1, WAIT).expect("the expiry DSN arrived");
+    let text = String::from_utf8_lossy(&dsn[0].raw);
+    assert!(text.contains("Status: 5.4.7"), "{text}");
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(
+        !text.contains("X-Caduceus-Lifetime"),
+        "the header was removed before the message was stored: {text}"
+    );
+    let log = engine.delivery_log().expect("delivery log");
+    let expired = log
+        .iter()
+        .find(|entry| entry["event"] == "expired")
+        .expect("expired entry");
+    let age_us =
+        expired["at_us"].as_u64().unwrap_or(0) - expired["received_at_us"].as_u64().unwrap_or(0);
+    assert!(
+        age_us < 30_000_000,
+        "expired after its own 3 s lifetime, not the lane's day: {expired}"
+    );
+}

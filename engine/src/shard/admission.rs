@@ -79,7 +79,12 @@ impl Admission for ShardAdmission {
                 self.check_lists(submission.category, &recipient.address)?;
             }
         }
-        let lifetime_us = lane_config.max_queue_lifetime.get().as_micros() as u64;
+        let mut lifetime_us = lane_config.max_queue_lifetime.get().as_micros() as u64;
+        match take_lifetime_header(&mut submission.body) {
+            Ok(Some(own)) => lifetime_us = lifetime_us.min(own.as_micros() as u64),
+            Ok(None) => {}
+            Err(reply) => return Err(reply),
+        }
         let envelope = Envelope {
             message_id: MessageId(submission.message_id),
             received_at_us,
@@ -181,6 +186,59 @@ impl ShardAdmission {
     }
 }
 
+/// Header by which a sender gives a message a shorter queue lifetime than
+/// its lane's, such as `X-Caduceus-Lifetime: 1h` on a password reset that
+/// is worthless after an hour. Removed before delivery.
+pub const LIFETIME_HEADER: &str = "X-Caduceus-Lifetime";
+
+/// Reads and removes the lifetime header from the message's header
+/// section. A value that is not a duration (`30m`, `2h`, `1d`) gets
+/// `554 5.6.0`, because the sender asked for something the engine cannot
+/// honour.
+fn take_lifetime_header(body: &mut Vec<u8>) -> Result<Option<std::time::Duration>, Reply> {
+    let header_end = body
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(body.len(), |position| position + 2);
+    let mut start = 0;
+    while start < header_end {
+        let line_end = body[start..header_end]
+            .windows(2)
+            .position(|pair| pair == b"\r\n")
+            .map_or(header_end, |position| start + position + 2);
+        let line = &body[start..line_end];
+        let name_length = LIFETIME_HEADER.len();
+        if line.len() > name_length
+            && line[..name_length].eq_ignore_ascii_case(LIFETIME_HEADER.as_bytes())
+            && line[name_length] == b':'
+        {
+            // RFC 5322 §2.2.3: lines that start with white space continue
+            // the field, and go with it.
+            let mut field_end = line_end;
+            while field_end < header_end && matches!(body[field_end], b' ' | b'\t') {
+                field_end = body[field_end..header_end]
+                    .windows(2)
+                    .position(|pair| pair == b"\r\n")
+                    .map_or(header_end, |position| field_end + position + 2);
+            }
+            let value = String::from_utf8_lossy(&body[start + name_length + 1..field_end])
+                .split_whitespace()
+                .collect::<String>();
+            let lifetime = caduceus_policy::duration::parse_duration(&value).map_err(|_| {
+                Reply::new(
+                    554,
+                    EnhancedStatus::new(5, 6, 0),
+                    format!("{LIFETIME_HEADER} must be a duration such as 30m or 2h"),
+                )
+            })?;
+            body.drain(start..field_end);
+            return Ok(Some(lifetime));
+        }
+        start = line_end;
+    }
+    Ok(None)
+}
+
 fn convert_ret(ret: crate::ingress::Ret) -> caduceus_spool::Ret {
     match ret {
         crate::ingress::Ret::Full => caduceus_spool::Ret::Full,
@@ -207,5 +265,45 @@ fn append_error_reply(core: u16, error: &AppendError) -> Reply {
                 "Local error in processing, try again later",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_header_is_read_and_removed() {
+        let mut body = b"Subject: reset\r\nX-Caduceus-Lifetime: 1h\r\nTo: a@b.test\r\n\r\nX-Caduceus-Lifetime: 5d\r\n".to_vec();
+        let lifetime = take_lifetime_header(&mut body).unwrap();
+        assert_eq!(lifetime, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(
+            body,
+            b"Subject: reset\r\nTo: a@b.test\r\n\r\nX-Caduceus-Lifetime: 5d\r\n".to_vec(),
+            "only the header section is searched"
+        );
+    }
+
+    #[test]
+    fn lifetime_header_folded() {
+        let mut body = b"X-Caduceus-Lifetime:\r\n 30m\r\nSubject: x\r\n\r\nbody\r\n".to_vec();
+        let lifetime = take_lifetime_header(&mut body).unwrap();
+        assert_eq!(lifetime, Some(std::time::Duration::from_secs(1800)));
+        assert_eq!(body, b"Subject: x\r\n\r\nbody\r\n".to_vec());
+    }
+
+    #[test]
+    fn lifetime_header_absent() {
+        let mut body = b"Subject: hi\r\n\r\nbody\r\n".to_vec();
+        assert_eq!(take_lifetime_header(&mut body).unwrap(), None);
+        assert_eq!(body, b"Subject: hi\r\n\r\nbody\r\n".to_vec());
+    }
+
+    #[test]
+    fn lifetime_header_invalid_value() {
+        let mut body = b"X-Caduceus-Lifetime: soon\r\n\r\nbody\r\n".to_vec();
+        let reply = take_lifetime_header(&mut body).unwrap_err();
+        assert_eq!(reply.code, 554);
+        assert_eq!(reply.status, Some(EnhancedStatus::new(5, 6, 0)));
     }
 }

@@ -59,7 +59,7 @@ pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
                 || destination.active_workers as usize >= destination.ready.len();
             let global_limit =
                 shard.inflight.get() >= shard.config.delivery.max_concurrent_deliveries;
-            if destination.held || limit_reached || global_limit {
+            if destination.held || rule.hold || limit_reached || global_limit {
                 return;
             }
             key.clone()
@@ -110,6 +110,14 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             continue;
         };
         let rule = policy.for_domain(&domain, envelope.lane).clone();
+        if rule.hold {
+            // Held by policy: the item waits at the front of the queue until
+            // a reload lifts the hold (the scheduler dispatches again).
+            if let Some(destination) = shard.queue.borrow_mut().destinations.get_mut(&domain) {
+                destination.ready.push_front(item);
+            }
+            break;
+        }
         let now = now_us();
         let lifetime_us = rule.max_queue_lifetime.as_micros() as u64;
         let expires_at = envelope
@@ -1042,6 +1050,8 @@ pub async fn scheduler(shard: Rc<Shard>) {
         if last_reserve_check.elapsed() >= Duration::from_secs(1) {
             last_reserve_check = Instant::now();
             check_reserve(&shard);
+            // Picks up destinations whose hold a policy reload lifted.
+            dispatch_all(&shard);
         }
         let sleep_us = shard.queue.borrow().next_due_us().map_or(100_000, |due| {
             due.saturating_sub(now_us()).clamp(1_000, 100_000)
