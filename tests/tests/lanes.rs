@@ -250,3 +250,94 @@ fn each_lane_sends_from_its_source_address() {
         }
     }
 }
+
+#[test]
+fn pooled_tls_connections_resume_sessions() {
+    let ca = caduceus_tests::TestCa::new().expect("test CA");
+    let listen = listen_addr(78);
+    let receiver = ScriptedReceiver::start(
+        listen,
+        Script {
+            starttls: Some(
+                ca.server_config(&["mx.pool.test", &listen.ip().to_string()])
+                    .expect("server config"),
+            ),
+            ..Script::default()
+        },
+    )
+    .expect("receiver start");
+    let state = state_dir();
+    // Small connections (20 messages each) so that many are opened over
+    // the run and resumption is exercised.
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"pool.test\"\nroute = \"{listen}\"\ntls = \"required\"\nmax_connections = 2\nmax_messages_per_connection = 20\n",
+        engine_config(None)
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let acked = inject_parallel(engine.socket(Lane::Bulk), "pool.test", 0..1_000, 4);
+    assert_eq!(acked.len(), 1_000);
+    let received = receiver
+        .wait_for(1_000, Duration::from_secs(120))
+        .expect("every message delivered");
+
+    // At most two connections at any moment, from each connection's first
+    // and last message times.
+    let mut spans: std::collections::HashMap<u64, (u64, u64)> = std::collections::HashMap::new();
+    for message in &received {
+        let span = spans
+            .entry(message.connection)
+            .or_insert((message.data_started_micros, message.received_micros));
+        span.0 = span.0.min(message.data_started_micros);
+        span.1 = span.1.max(message.received_micros);
+    }
+    let mut edges: Vec<(u64, i32)> = spans
+        .values()
+        .flat_map(|(start, end)| [(*start, 1), (*end, -1)])
+        .collect();
+    edges.sort();
+    let (mut open, mut most_open) = (0, 0);
+    for (_, change) in edges {
+        open += change;
+        most_open = most_open.max(open);
+    }
+    assert!(most_open <= 2, "{most_open} connections were open at once");
+    assert!(
+        spans.len() >= 40,
+        "connections are reused for up to 20 messages each"
+    );
+
+    // Every connection after the first ones resumes its TLS session.
+    common::wait_until(Duration::from_secs(10), || {
+        engine
+            .delivery_log()
+            .map(|log| {
+                log.iter()
+                    .filter(|entry| entry["event"] == "delivered")
+                    .count()
+                    == 1_000
+            })
+            .unwrap_or(false)
+    });
+    let log = engine.delivery_log().expect("delivery log");
+    let delivered: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|entry| entry["event"] == "delivered")
+        .collect();
+    let full = delivered
+        .iter()
+        .filter(|entry| entry["tls_resumed"] == false)
+        .count();
+    let resumed = delivered
+        .iter()
+        .filter(|entry| entry["tls_resumed"] == true)
+        .count();
+    eprintln!(
+        "pool: {} connections, {full} deliveries on full handshakes, {resumed} resumed",
+        spans.len()
+    );
+    assert!(
+        full <= 2 * 20,
+        "only the first connection per pool slot makes a full handshake ({full} deliveries did)"
+    );
+    assert_eq!(full + resumed, 1_000, "every delivery went over TLS");
+}
