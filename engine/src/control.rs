@@ -383,6 +383,11 @@ impl ControlPlane {
         destination: Option<&str>,
         address_hmac: Option<&str>,
     ) {
+        // The hash-chained control stream replaces this plain line unless
+        // auditing is off.
+        if crate::audit::admin(uid, command, destination, address_hmac) {
+            return;
+        }
         let line = json!({
             "at_us": now_us(),
             "event": "admin",

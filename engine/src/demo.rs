@@ -21,7 +21,9 @@ use hdrhistogram::Histogram;
 use crate::deliverylog::now_us;
 use crate::inject::InjectClient;
 use crate::runtime;
-use crate::sink::{INJECTED_HEADER, LANE_HEADER, Sink};
+use crate::sink::{
+    INJECTED_HEADER, LANE_HEADER, MessageSummary, Recording, Script, ScriptedReceiver, tls,
+};
 
 /// The configuration embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
@@ -58,15 +60,15 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         .prefix("caduceus-demo-")
         .tempdir()
         .map_err(|error| format!("cannot create a temporary state directory: {error}"))?;
-    let sink = Sink::start(SocketAddr::from(([127, 0, 0, 1], 0)))
+    let sink = start_receiver()
         .map_err(|error| format!("cannot start the demo receiver on 127.0.0.1: {error}"))?;
-    let config = demo_config(state.path(), sink.addr)?;
+    let config = demo_config(state.path(), sink.addr())?;
     let transactional_socket = config.lane_socket(Lane::Transactional);
     let bulk_socket = config.lane_socket(Lane::Bulk);
     println!(
         "demo: state in {}, receiver on {} (STARTTLS)",
         state.path().display(),
-        sink.addr
+        sink.addr()
     );
     let engine = runtime::start(config)?;
 
@@ -97,14 +99,19 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     let injection_secs = started.elapsed().as_secs_f64();
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    while sink.count() < injected && Instant::now() < deadline {
+    while sink.accepted_count() < injected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let total_secs = started.elapsed().as_secs_f64();
     engine.request_shutdown();
     let stopped = engine.wait();
 
-    let arrivals = sink.arrivals();
+    let arrivals: Vec<MessageSummary> = sink
+        .summary()
+        .messages
+        .into_iter()
+        .filter(MessageSummary::accepted)
+        .collect();
     print_report(&arrivals, injected, injection_secs, total_secs);
     stopped?;
     let failed = failures.load(Ordering::Acquire);
@@ -120,6 +127,19 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     }
     println!("demo: every message was delivered");
     Ok(())
+}
+
+/// Starts the receiver for every demo domain: STARTTLS with session
+/// tickets, summary recording, room for the engine's connections.
+fn start_receiver() -> std::io::Result<ScriptedReceiver> {
+    let script = Script {
+        hostname: "sink.caduceus.test".into(),
+        starttls: Some(tls::self_signed_config("localhost", true)?),
+        recording: Recording::Summary,
+        max_connections: 1024,
+        ..Script::default()
+    };
+    ScriptedReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), script)
 }
 
 /// The embedded default configuration, pointed at a temporary state
@@ -151,9 +171,14 @@ fn demo_config(state_dir: &Path, sink: SocketAddr) -> Result<Config, String> {
         .iter()
         .chain(["clinic.example", "campaigns.clinic.example"].iter())
     {
+        // The campaign is care-gap outreach: care mail needs no recorded
+        // marketing consent, only the absence of opt-outs.
+        let sender_category =
+            (*domain == "campaigns.clinic.example").then_some(caduceus_policy::Category::Care);
         config.rules.push(RuleConfig {
             domain: Some(domain.to_string()),
             route: Some(sink.to_string()),
+            sender_category,
             ..RuleConfig::default()
         });
     }
@@ -258,12 +283,7 @@ fn inject_bulk(socket: &Path, connection: u32, count: u32, failures: &AtomicU64)
     sent
 }
 
-fn print_report(
-    arrivals: &[crate::sink::Arrival],
-    injected: u64,
-    injection_secs: f64,
-    total_secs: f64,
-) {
+fn print_report(arrivals: &[MessageSummary], injected: u64, injection_secs: f64, total_secs: f64) {
     println!();
     println!(
         "{:<14} {:>9} {:>10} {:>12} {:>10} {:>10} {:>10}",

@@ -1,11 +1,17 @@
 //! A blocking SMTP client for the lane sockets, used by `caduceus demo` and
 //! the benchmark generator to inject mail the way a large sender does:
-//! one connection, many messages, commands pipelined (RFC 2920).
+//! one connection, many messages, commands pipelined (RFC 2920). The same
+//! client speaks to any SMTP server over TCP, so the benchmarks inject into
+//! Postfix with it too.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+
+/// How long the client waits for any one reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A reply that was not the one the injector needed, or an I/O failure.
 #[derive(Debug, thiserror::Error)]
@@ -16,17 +22,85 @@ pub enum InjectError {
     Rejected { stage: &'static str, reply: String },
 }
 
+/// One message to inject.
+#[derive(Clone, Copy, Debug)]
+pub struct Outgoing<'a> {
+    pub sender: &'a str,
+    pub recipients: &'a [String],
+    /// The message as it should arrive, before dot-stuffing.
+    pub body: &'a [u8],
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(stream) => Stream::Unix(stream.try_clone()?),
+            Stream::Tcp(stream) => Stream::Tcp(stream.try_clone()?),
+        })
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.read(buffer),
+            Stream::Tcp(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.write(buffer),
+            Stream::Tcp(stream) => stream.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(stream) => stream.flush(),
+            Stream::Tcp(stream) => stream.flush(),
+        }
+    }
+}
+
+/// The replies to one message's MAIL, RCPT and DATA commands.
+struct EnvelopeReplies {
+    outcome: Result<(), InjectError>,
+    /// Whether the server replied 354 to DATA and now expects content.
+    data_open: bool,
+}
+
 pub struct InjectClient {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Stream>,
+    writer: Stream,
     buffer: Vec<u8>,
 }
 
 impl InjectClient {
-    /// Connects, reads the greeting and sends EHLO.
+    /// Connects to a lane socket, reads the greeting and sends EHLO.
     pub fn connect(path: &Path, helo: &str) -> Result<InjectClient, InjectError> {
         let stream = UnixStream::connect(path)?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        InjectClient::start(Stream::Unix(stream), helo)
+    }
+
+    /// Connects to an SMTP server over TCP, reads the greeting and sends
+    /// EHLO.
+    pub fn connect_tcp(addr: SocketAddr, helo: &str) -> Result<InjectClient, InjectError> {
+        let stream = TcpStream::connect_timeout(&addr, REPLY_TIMEOUT)?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        InjectClient::start(Stream::Tcp(stream), helo)
+    }
+
+    fn start(stream: Stream, helo: &str) -> Result<InjectClient, InjectError> {
         let writer = stream.try_clone()?;
         let mut client = InjectClient {
             reader: BufReader::new(stream),
@@ -49,19 +123,90 @@ impl InjectClient {
         recipients: &[String],
         body: &[u8],
     ) -> Result<String, InjectError> {
+        let message = Outgoing {
+            sender,
+            recipients,
+            body,
+        };
+        let mut results = self.send_pipelined(&[message])?;
+        results.pop().unwrap_or_else(|| {
+            Err(InjectError::Io(io::Error::other(
+                "no reply for the message",
+            )))
+        })
+    }
+
+    /// Sends `messages` in one pipelined stream: each message's content goes
+    /// out in the same write as the next message's MAIL, RCPT and DATA
+    /// commands, which RFC 2920 §3.1 allows because content may open a
+    /// command group. That saves one round trip per message.
+    ///
+    /// Returns one result per message: the final reply text, or the reply
+    /// that rejected it. An I/O failure ends the session and is returned as
+    /// the outer error; the outcome of the message in flight is then
+    /// unknown.
+    pub fn send_pipelined(
+        &mut self,
+        messages: &[Outgoing<'_>],
+    ) -> Result<Vec<Result<String, InjectError>>, InjectError> {
+        let mut results = Vec::with_capacity(messages.len());
+        let Some(first) = messages.first() else {
+            return Ok(results);
+        };
         self.buffer.clear();
-        self.buffer
-            .extend_from_slice(format!("MAIL FROM:<{sender}>\r\n").as_bytes());
-        for recipient in recipients {
-            self.buffer
-                .extend_from_slice(format!("RCPT TO:<{recipient}>\r\n").as_bytes());
-        }
-        self.buffer.extend_from_slice(b"DATA\r\n");
+        push_envelope(first, &mut self.buffer);
         self.writer.write_all(&self.buffer)?;
+        let mut pending = Some(self.read_envelope_replies(first)?);
+        for (index, message) in messages.iter().enumerate() {
+            let next = messages.get(index + 1);
+            // Set at the end of every iteration that has a next message.
+            let Some(envelope) = pending.take() else {
+                break;
+            };
+            self.buffer.clear();
+            if envelope.data_open {
+                if envelope.outcome.is_ok() {
+                    stuff_body(message.body, &mut self.buffer);
+                } else {
+                    // A 354 after every recipient was refused: end the
+                    // content at once, so nothing reaches the recipients.
+                    self.buffer.extend_from_slice(b".\r\n");
+                }
+            }
+            if let Some(next) = next {
+                push_envelope(next, &mut self.buffer);
+            }
+            self.writer.write_all(&self.buffer)?;
+            let outcome = if envelope.data_open {
+                let done = self.read_reply()?;
+                match envelope.outcome {
+                    Ok(()) if done.starts_with('2') => Ok(done),
+                    Ok(()) => Err(InjectError::Rejected {
+                        stage: "end of DATA",
+                        reply: done,
+                    }),
+                    Err(error) => Err(error),
+                }
+            } else {
+                envelope.outcome.map(|()| String::new())
+            };
+            results.push(outcome);
+            if let Some(next) = next {
+                pending = Some(self.read_envelope_replies(next)?);
+            }
+        }
+        Ok(results)
+    }
+
+    /// Reads the replies to MAIL, each RCPT and DATA of `message`.
+    fn read_envelope_replies(
+        &mut self,
+        message: &Outgoing<'_>,
+    ) -> Result<EnvelopeReplies, InjectError> {
         let mail = self.read_reply()?;
         let mut accepted = 0;
         let mut first_rejection = None;
-        for _ in recipients {
+        for _ in message.recipients {
             let reply = self.read_reply()?;
             if reply.starts_with('2') {
                 accepted += 1;
@@ -70,29 +215,21 @@ impl InjectClient {
             }
         }
         let data = self.read_reply()?;
-        if !mail.starts_with('2') {
-            return Err(InjectError::Rejected {
+        let data_open = data.starts_with("354");
+        let outcome = if !mail.starts_with('2') {
+            Err(InjectError::Rejected {
                 stage: "MAIL",
                 reply: mail,
-            });
-        }
-        if accepted == 0 || !data.starts_with("354") {
-            return Err(InjectError::Rejected {
+            })
+        } else if accepted == 0 || !data_open {
+            Err(InjectError::Rejected {
                 stage: "RCPT",
                 reply: first_rejection.unwrap_or(data),
-            });
-        }
-        self.buffer.clear();
-        stuff_body(body, &mut self.buffer);
-        self.writer.write_all(&self.buffer)?;
-        let done = self.read_reply()?;
-        if !done.starts_with('2') {
-            return Err(InjectError::Rejected {
-                stage: "end of DATA",
-                reply: done,
-            });
-        }
-        Ok(done)
+            })
+        } else {
+            Ok(())
+        };
+        Ok(EnvelopeReplies { outcome, data_open })
     }
 
     pub fn quit(mut self) {
@@ -118,7 +255,7 @@ impl InjectClient {
             if self.reader.read_line(&mut line)? == 0 {
                 return Err(InjectError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "the engine closed the connection",
+                    "the server closed the connection",
                 )));
             }
             text.push_str(&line);
@@ -128,6 +265,15 @@ impl InjectClient {
             }
         }
     }
+}
+
+/// Appends the MAIL, RCPT and DATA commands of `message`.
+fn push_envelope(message: &Outgoing<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("MAIL FROM:<{}>\r\n", message.sender).as_bytes());
+    for recipient in message.recipients {
+        out.extend_from_slice(format!("RCPT TO:<{recipient}>\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"DATA\r\n");
 }
 
 /// Appends `body` dot-stuffed (RFC 5321 §4.5.2) with the terminating

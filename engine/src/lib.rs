@@ -1,6 +1,7 @@
 //! The Caduceus engine: SMTP ingress on Unix sockets, the per-core queue, and
 //! outbound delivery.
 
+pub mod audit;
 pub mod control;
 pub mod cores;
 pub mod deliverylog;
@@ -9,6 +10,7 @@ pub mod dns;
 pub mod dsn;
 pub mod ingress;
 pub mod inject;
+pub mod metrics;
 pub mod outbound;
 pub mod policy_swap;
 mod privileges;
@@ -16,3 +18,4 @@ pub mod runtime;
 pub mod shard;
 pub mod sink;
 pub mod smtp;
+pub mod webhook;

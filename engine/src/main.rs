@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use caduceus_engine::{control, cores, demo, runtime};
+use caduceus_engine::{audit, control, cores, demo, runtime};
 use caduceus_policy::config::Config;
 use caduceus_policy::{Lane, Policy, load_config};
 use clap::{Parser, Subcommand};
@@ -66,6 +66,28 @@ enum Command {
         #[command(subcommand)]
         action: SpoolAction,
         #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Check the tamper-evident audit trail, or print its anchors.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Print every message accepted between two UTC dates (inclusive) with
+    /// each recipient's outcome, from the audit trail.
+    Report {
+        /// First day, YYYY-MM-DD.
+        #[arg(long)]
+        from: String,
+        /// Last day, YYYY-MM-DD.
+        #[arg(long)]
+        to: String,
+        /// csv (one row per recipient) or json (one object per message).
+        #[arg(long, default_value = "csv")]
+        format: String,
+        #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Run a benchmark scenario (runs `caduceus-bench`, built from the
@@ -131,6 +153,22 @@ enum SpoolAction {
 }
 
 #[derive(Subcommand)]
+enum AuditAction {
+    /// Recompute every stream's hash chain and check the signed
+    /// checkpoints; names the first edited, inserted or removed record and
+    /// a cut tail. Exits 1 on any problem.
+    Verify {
+        /// Checkpoint lines kept off the host (from `caduceus audit
+        /// anchor`); catches a tail cut back past them.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
+    },
+    /// Print the newest signed checkpoint of each stream, to keep off the
+    /// host.
+    Anchor,
+}
+
+#[derive(Subcommand)]
 enum PolicyAction {
     /// Validate a configuration file; errors give file:line:column.
     Check { file: PathBuf },
@@ -176,6 +214,19 @@ fn main() -> ExitCode {
         Command::Spool { action, config } => spool(action, config.as_deref()),
         Command::Suppress { action, config } => lists("suppress", action, config.as_deref()),
         Command::Consent { action, config } => lists("consent", action, config.as_deref()),
+        Command::Audit { action, config } => {
+            read_config(config.as_deref()).and_then(|config| match action {
+                AuditAction::Verify { anchor } => audit::run_verify(&config, anchor.as_deref()),
+                AuditAction::Anchor => audit::run_anchor(&config),
+            })
+        }
+        Command::Report {
+            from,
+            to,
+            format,
+            config,
+        } => read_config(config.as_deref())
+            .and_then(|config| audit::run_report(&config, &from, &to, &format)),
         Command::Bench { args } => bench(&args),
     };
     match result {

@@ -32,6 +32,8 @@ pub struct Engine {
     shutdown: Arc<AtomicBool>,
     executors: Vec<ExecutorJoinHandle<Result<(), String>>>,
     control: Option<JoinHandle<()>>,
+    metrics: Option<JoinHandle<()>>,
+    webhooks: Vec<JoinHandle<()>>,
     pub policy: Arc<PolicyCell>,
     pub allocation: Vec<ExecutorSpec>,
 }
@@ -71,6 +73,9 @@ pub fn start_with_config_file(
     restrict_mode(&config.state_dir.join("keys"), 0o700)?;
     restrict_mode(&config.spool_dir(), 0o700)?;
 
+    // Webhook secret files are read while the process may still be root,
+    // and before any socket exists, so a bad secret stops the start early.
+    let webhook_endpoints = crate::webhook::prepare(&config)?;
     let keyring = load_keyring(&config)?;
     let site_key_path = config.state_dir.join("keys").join("site.key");
     let site_key = SiteKey::load_or_create(&site_key_path).map_err(|error| error.to_string())?;
@@ -108,8 +113,17 @@ pub fn start_with_config_file(
 
     raise_memlock_limit();
     crate::privileges::drop_if_root(&config)?;
+    let audit = crate::audit::AuditSetup::open(&config)?;
+    let control_stream = match &audit {
+        Some(audit) => Some(audit.open_stream("control")?),
+        None => None,
+    };
 
     let shutdown = Arc::new(AtomicBool::new(false));
+    let metrics = crate::metrics::Registry::new(
+        allocation.iter().map(|spec| spec.index).collect(),
+        shutdown.clone(),
+    );
     let holds_file = config.state_dir.join("holds.json");
     let holds = load_holds(&holds_file);
     let (ready_sender, ready_receiver) = crossbeam_channel::bounded(allocation.len());
@@ -143,6 +157,9 @@ pub fn start_with_config_file(
             holds: holds.clone(),
         };
         let ready = ready_sender.clone();
+        let audit = audit.clone();
+        let core_metrics = metrics.core(spec.index);
+        let index = spec.index;
         let transactional = spec.lanes.contains(&Lane::Transactional);
         let name = format!(
             "caduceus-{}-{}",
@@ -160,7 +177,17 @@ pub fn start_with_config_file(
             .name(&name)
             .preempt_timer(preempt)
             .spawn(move || async move {
+                if let Some(core_metrics) = core_metrics {
+                    crate::metrics::install_core(core_metrics);
+                }
+                if let Some(audit) = &audit
+                    && let Err(error) = crate::audit::install_core(audit, index)
+                {
+                    let _ = ready.send(Err(error.clone()));
+                    return Err(error);
+                }
                 let result = shard::run_with_ready(setup, ready).await;
+                crate::audit::close_core().await;
                 if let Err(error) = &result {
                     tracing::error!(%error, "core: stopped with an error");
                 }
@@ -205,14 +232,35 @@ pub fn start_with_config_file(
         .name("caduceus-control".into())
         .spawn(move || {
             pin_current_thread(&control_cpus);
-            plane.serve(control_listener)
+            if let Some(stream) = control_stream {
+                crate::audit::install_control(stream);
+            }
+            plane.serve(control_listener);
+            crate::audit::close_control();
         })
         .map_err(|error| format!("cannot start the control thread: {error}"))?;
+    metrics.mark_all_ready();
+    let metrics_thread = match config.metrics.listen {
+        Some(address) => Some(crate::metrics::http::start(
+            address,
+            metrics.clone(),
+            control_plane_cpus(&allocation),
+        )?),
+        None => None,
+    };
+    let webhooks = crate::webhook::spawn(
+        webhook_endpoints,
+        &config,
+        control_plane_cpus(&allocation),
+        shutdown.clone(),
+    )?;
     tracing::info!(executors = allocation.len(), "engine: started");
     Ok(Engine {
         shutdown,
         executors,
         control: Some(control),
+        metrics: metrics_thread,
+        webhooks,
         policy,
         allocation,
     })
@@ -244,6 +292,14 @@ impl Engine {
         self.shutdown.store(true, Ordering::Release);
         if let Some(control) = self.control.take() {
             let _ = control.join();
+        }
+        if let Some(metrics) = self.metrics.take() {
+            let _ = metrics.join();
+        }
+        for webhook in self.webhooks.drain(..) {
+            if webhook.join().is_err() {
+                tracing::error!("engine: a webhook thread panicked");
+            }
         }
         match first_error {
             Some(error) => Err(error),

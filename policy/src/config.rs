@@ -31,6 +31,13 @@ pub struct Config {
     pub dns: DnsConfig,
     pub tls: TlsConfig,
     pub spool: SpoolConfig,
+    pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
+    pub delivery_log: DeliveryLogConfig,
+    /// HTTP endpoints that receive delivery log events, one `[[webhook]]`
+    /// table each.
+    #[serde(rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
     /// Per-destination rules, tried most specific first.
     #[serde(rename = "rule")]
     pub rules: Vec<RuleConfig>,
@@ -49,6 +56,10 @@ impl Default for Config {
             dns: DnsConfig::default(),
             tls: TlsConfig::default(),
             spool: SpoolConfig::default(),
+            audit: AuditConfig::default(),
+            metrics: MetricsConfig::default(),
+            delivery_log: DeliveryLogConfig::default(),
+            webhooks: Vec::new(),
             rules: Vec::new(),
         }
     }
@@ -467,6 +478,37 @@ impl Default for SpoolConfig {
     }
 }
 
+/// The tamper-evident audit trail under `<state_dir>/log/audit/`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Write the audit trail. HIPAA deployments need it; turning it off is
+    /// for measuring its cost.
+    pub enabled: bool,
+    /// How long daily audit files are kept before they are deleted (the
+    /// deletion is itself audited). The default, 2190 days (6 years), is
+    /// the documentation retention HIPAA asks for (45 CFR 164.316(b)(2)).
+    pub retention: ConfigDuration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            retention: ConfigDuration::from_secs(2190 * 86_400),
+        }
+    }
+}
+
+/// The Prometheus metrics and health endpoints.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// TCP address serving `/metrics`, `/healthz` and `/readyz`, such as
+    /// `127.0.0.1:9464`. `None` (the default) serves nothing.
+    pub listen: Option<SocketAddr>,
+}
+
 /// One per-destination rule. A rule matches by exactly one of `domain`
 /// (`example.com` exactly, or `*.example.com` for every subdomain) and
 /// `mx` (a host name pattern matched against the destination's MX hosts).
@@ -514,4 +556,228 @@ pub fn parse_route(route: &str) -> Result<SocketAddr, String> {
     route
         .parse::<SocketAddr>()
         .map_err(|_| format!("invalid route {route:?}: expected IP:PORT such as 127.0.0.1:2525"))
+}
+
+/// The per-core delivery log files under `<state_dir>/log/`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryLogConfig {
+    /// A core starts a new file before a write would take its current file
+    /// past this size. A new file also starts when the UTC day changes.
+    /// Default 256 MiB; must be at least 4096.
+    #[serde(deserialize_with = "deserialize_max_file_bytes")]
+    pub max_file_bytes: u64,
+}
+
+impl Default for DeliveryLogConfig {
+    fn default() -> Self {
+        DeliveryLogConfig {
+            max_file_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The smallest `delivery_log.max_file_bytes`. Below it, every flush of a
+/// busy core would start a new file.
+pub const MIN_DELIVERY_LOG_FILE_BYTES: u64 = 4096;
+
+fn deserialize_max_file_bytes<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<u64, D::Error> {
+    let bytes = u64::deserialize(deserializer)?;
+    if bytes < MIN_DELIVERY_LOG_FILE_BYTES {
+        return Err(serde::de::Error::custom(format!(
+            "max_file_bytes = {bytes} is too small; use at least {MIN_DELIVERY_LOG_FILE_BYTES}"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// One HTTP endpoint that receives delivery log events in signed batches.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the endpoint's cursor file, `<state_dir>/webhooks/<name>.cursor`.
+    /// Renaming an endpoint starts it again from the oldest log file.
+    pub name: WebhookName,
+    /// `http://` or `https://` URL that receives each batch as a POST.
+    pub url: WebhookUrl,
+    /// The event kinds sent; default every kind.
+    #[serde(default = "WebhookEvent::all")]
+    pub events: Vec<WebhookEvent>,
+    /// File holding the HMAC-SHA-256 key that signs each body (trailing
+    /// whitespace ignored, at least 16 bytes). It is read before the engine
+    /// drops root and must not be readable by group or others.
+    pub secret_file: PathBuf,
+    /// The maximum number of events in one POST; default 100, at most 10,000.
+    #[serde(default = "default_webhook_batch_size")]
+    pub batch_size: WebhookBatchSize,
+    /// The whole request, from connect to the end of the response; default
+    /// 10 s. A timed-out request counts as failed and is retried.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: ConfigDuration,
+    /// The wait after the first failed request; it doubles after each
+    /// further failure up to `retry_max_delay`. Default 1 s.
+    #[serde(default = "default_webhook_retry_initial_delay")]
+    pub retry_initial_delay: ConfigDuration,
+    /// The maximum wait between two attempts; default 5 minutes. Each wait
+    /// is drawn at random from its upper half, so endpoints that failed
+    /// together do not retry in step.
+    #[serde(default = "default_webhook_retry_max_delay")]
+    pub retry_max_delay: ConfigDuration,
+}
+
+fn default_webhook_batch_size() -> WebhookBatchSize {
+    WebhookBatchSize(100)
+}
+
+fn default_webhook_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
+
+fn default_webhook_retry_initial_delay() -> ConfigDuration {
+    ConfigDuration::from_secs(1)
+}
+
+fn default_webhook_retry_max_delay() -> ConfigDuration {
+    ConfigDuration::from_secs(300)
+}
+
+/// A webhook endpoint's name: 1 to 64 ASCII letters, digits, `-` or `_`, so
+/// that it is safe as a file name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct WebhookName(String);
+
+impl WebhookName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for WebhookName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let valid_bytes = name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+        if name.is_empty() || name.len() > 64 || !valid_bytes {
+            return Err(format!(
+                "invalid webhook name {name:?}: use 1 to 64 ASCII letters, digits, '-' or '_'"
+            ));
+        }
+        Ok(WebhookName(name))
+    }
+}
+
+/// A webhook URL whose scheme is `http` or `https`. The engine parses it
+/// fully at start.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct WebhookUrl(String);
+
+impl WebhookUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for WebhookUrl {
+    type Error = String;
+
+    fn try_from(url: String) -> Result<Self, Self::Error> {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        match rest {
+            Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(WebhookUrl(url)),
+            _ => Err(format!(
+                "invalid webhook url {url:?}: expected http://HOST[:PORT]/PATH or https://HOST[:PORT]/PATH"
+            )),
+        }
+    }
+}
+
+/// The number of events in one webhook POST, from 1 to 10,000.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u32")]
+pub struct WebhookBatchSize(u32);
+
+impl WebhookBatchSize {
+    pub const MAX: u32 = 10_000;
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for WebhookBatchSize {
+    type Error = String;
+
+    fn try_from(size: u32) -> Result<Self, Self::Error> {
+        if size == 0 || size > Self::MAX {
+            return Err(format!(
+                "invalid webhook batch_size {size}: use 1 to {}",
+                Self::MAX
+            ));
+        }
+        Ok(WebhookBatchSize(size))
+    }
+}
+
+/// A delivery log event kind that a webhook can select, named as in the
+/// log's `event` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookEvent {
+    Received,
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Deleted,
+}
+
+impl WebhookEvent {
+    pub const ALL: [WebhookEvent; 6] = [
+        WebhookEvent::Received,
+        WebhookEvent::Delivered,
+        WebhookEvent::Deferred,
+        WebhookEvent::Bounced,
+        WebhookEvent::Expired,
+        WebhookEvent::Deleted,
+    ];
+
+    pub fn all() -> Vec<WebhookEvent> {
+        Self::ALL.to_vec()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::Received => "received",
+            WebhookEvent::Delivered => "delivered",
+            WebhookEvent::Deferred => "deferred",
+            WebhookEvent::Bounced => "bounced",
+            WebhookEvent::Expired => "expired",
+            WebhookEvent::Deleted => "deleted",
+        }
+    }
+}
+
+impl Config {
+    /// Checks what one `[[webhook]]` table cannot check alone: that no two
+    /// endpoints share a name, and so a cursor file.
+    pub fn check_webhooks(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for webhook in &self.webhooks {
+            if !names.insert(webhook.name.as_str()) {
+                return Err(format!(
+                    "two [[webhook]] tables are named {:?}; give each endpoint its own name",
+                    webhook.name.as_str()
+                ));
+            }
+        }
+        Ok(())
+    }
 }

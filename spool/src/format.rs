@@ -25,7 +25,7 @@
 //! |-------:|-----:|--------------------------------------------------------|
 //! |      0 |    4 | magic `CDSR`                                           |
 //! |      4 |    2 | format version                                         |
-//! |      6 |    1 | kind: 1 message, 2 outcome                             |
+//! |      6 |    1 | kind: 1 message, 2 outcome, 3 relocated message        |
 //! |      7 |    1 | reserved, zero                                         |
 //! |      8 |    4 | total record length in bytes, a multiple of 16         |
 //! |     12 |    4 | CRC32C of the whole record with this field as zero    |
@@ -55,6 +55,32 @@
 //! |     16 |    a | rkyv archive of [`DiskEnvelope`]        |
 //! | 16 + a |    b | message body                            |
 //!
+//! Relocated message payload (plaintext, before sealing), written by
+//! compaction. It carries the whole envelope, the body and every recipient's
+//! state at the time of the copy, so recovery needs no older record to
+//! rebuild the message:
+//!
+//! | offset | size | field                                          |
+//! |-------:|-----:|------------------------------------------------|
+//! |      0 |    4 | envelope archive length in bytes (`a`)         |
+//! |      4 |    4 | body length in bytes (`b`)                     |
+//! |      8 |    4 | previous copy's segment id                     |
+//! |     12 |    4 | reserved, zero                                 |
+//! |     16 |    8 | previous copy's offset                         |
+//! |     24 |    8 | reserved, zero                                 |
+//! |     32 |    a | rkyv archive of [`DiskEnvelope`]               |
+//! | 32 + a |    b | message body                                   |
+//! | 32+a+b | 16 n | one state entry per recipient, in order        |
+//!
+//! State entry, `n` being the header's recipient count:
+//!
+//! | offset | size | field                                             |
+//! |-------:|-----:|---------------------------------------------------|
+//! |      0 |    8 | next attempt, unix microseconds (pending only)    |
+//! |      8 |    4 | attempts made so far (pending only)               |
+//! |     12 |    1 | state: 1 pending, 2 delivered, 3 bounced, 4 expired |
+//! |     13 |    3 | reserved, zero                                    |
+//!
 //! Outcome payload (plaintext, before sealing):
 //!
 //! | offset | size | field                                            |
@@ -71,7 +97,7 @@ use caduceus_policy::{Category, Lane};
 use ring::aead::{Aad, LessSafeKey, NONCE_LEN, Nonce, Tag};
 use rkyv::util::AlignedVec;
 
-use crate::{Envelope, Keyring, MessageId, Outcome, Recipient, RecordRef, Ret};
+use crate::{Envelope, Keyring, MessageId, Outcome, Recipient, RecipientState, RecordRef, Ret};
 
 /// The current format version of segment headers and records.
 pub const FORMAT_VERSION: u16 = 1;
@@ -114,6 +140,20 @@ pub const MESSAGE_BODY_LENGTH_OFFSET: usize = MESSAGE_ARCHIVE_LENGTH_OFFSET + 4;
 pub const MESSAGE_RESERVED_OFFSET: usize = MESSAGE_BODY_LENGTH_OFFSET + 4;
 pub const MESSAGE_ARCHIVE_OFFSET: usize = MESSAGE_RESERVED_OFFSET + 8;
 
+pub const RELOCATED_ARCHIVE_LENGTH_OFFSET: usize = 0;
+pub const RELOCATED_BODY_LENGTH_OFFSET: usize = RELOCATED_ARCHIVE_LENGTH_OFFSET + 4;
+pub const RELOCATED_PREVIOUS_SEGMENT_OFFSET: usize = RELOCATED_BODY_LENGTH_OFFSET + 4;
+pub const RELOCATED_RESERVED_OFFSET: usize = RELOCATED_PREVIOUS_SEGMENT_OFFSET + 4;
+pub const RELOCATED_PREVIOUS_OFFSET_OFFSET: usize = RELOCATED_RESERVED_OFFSET + 4;
+pub const RELOCATED_RESERVED2_OFFSET: usize = RELOCATED_PREVIOUS_OFFSET_OFFSET + 8;
+pub const RELOCATED_ARCHIVE_OFFSET: usize = RELOCATED_RESERVED2_OFFSET + 8;
+
+pub const STATE_NEXT_ATTEMPT_OFFSET: usize = 0;
+pub const STATE_ATTEMPTS_OFFSET: usize = STATE_NEXT_ATTEMPT_OFFSET + 8;
+pub const STATE_KIND_OFFSET: usize = STATE_ATTEMPTS_OFFSET + 4;
+pub const STATE_RESERVED_OFFSET: usize = STATE_KIND_OFFSET + 1;
+pub const STATE_ENTRY_BYTES: usize = STATE_RESERVED_OFFSET + 3;
+
 pub const OUTCOME_SEGMENT_OFFSET: usize = 0;
 pub const OUTCOME_RECIPIENT_OFFSET: usize = OUTCOME_SEGMENT_OFFSET + 4;
 pub const OUTCOME_MESSAGE_OFFSET: usize = OUTCOME_RECIPIENT_OFFSET + 4;
@@ -132,6 +172,17 @@ const _: () = assert!(RECORD_HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
 const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
 const _: () = assert!(MESSAGE_ARCHIVE_OFFSET.is_multiple_of(RECORD_ALIGN));
 const _: () = assert!(OUTCOME_PAYLOAD_BYTES == 32);
+const _: () = assert!(RELOCATED_ARCHIVE_OFFSET == 32);
+const _: () = assert!(RELOCATED_ARCHIVE_OFFSET.is_multiple_of(RECORD_ALIGN));
+const _: () = assert!(STATE_ENTRY_BYTES == 16);
+// The decoder reads both lengths at the same offsets for either layout.
+const _: () = assert!(RELOCATED_ARCHIVE_LENGTH_OFFSET == MESSAGE_ARCHIVE_LENGTH_OFFSET);
+const _: () = assert!(RELOCATED_BODY_LENGTH_OFFSET == MESSAGE_BODY_LENGTH_OFFSET);
+
+/// The size of an outcome record sealed with AES-GCM: header, payload and
+/// tag. A clear outcome record is 16 bytes shorter.
+pub const SEALED_OUTCOME_RECORD_BYTES: u64 =
+    (RECORD_HEADER_BYTES + OUTCOME_PAYLOAD_BYTES + TAG_BYTES) as u64;
 
 /// The record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +190,8 @@ const _: () = assert!(OUTCOME_PAYLOAD_BYTES == 32);
 pub enum RecordKind {
     Message = 1,
     Outcome = 2,
+    /// A message copied forward by compaction, with its recipients' states.
+    Relocated = 3,
 }
 
 impl RecordKind {
@@ -146,8 +199,14 @@ impl RecordKind {
         match value {
             1 => Some(RecordKind::Message),
             2 => Some(RecordKind::Outcome),
+            3 => Some(RecordKind::Relocated),
             _ => None,
         }
+    }
+
+    /// Returns true for the kinds that contain a message's envelope and body.
+    pub fn holds_message(self) -> bool {
+        matches!(self, RecordKind::Message | RecordKind::Relocated)
     }
 }
 
@@ -517,6 +576,37 @@ impl RecordBuilder {
         body: &[u8],
         sealing: Sealing<'_>,
     ) -> Result<&[u8], BuildError> {
+        self.message_record(envelope, body, None, sealing)
+    }
+
+    /// Builds a sealed relocated message record: the message as it was at
+    /// `previous`, with `states` holding each recipient's current state in
+    /// envelope order. The result stays valid until the next call.
+    pub fn relocated(
+        &mut self,
+        envelope: &Envelope,
+        body: &[u8],
+        previous: RecordRef,
+        states: &[RecipientState],
+        sealing: Sealing<'_>,
+    ) -> Result<&[u8], BuildError> {
+        if states.len() != envelope.recipients.len() {
+            return Err(BuildError::InvalidEnvelope(format!(
+                "{} recipient states for {} recipients",
+                states.len(),
+                envelope.recipients.len()
+            )));
+        }
+        self.message_record(envelope, body, Some((previous, states)), sealing)
+    }
+
+    fn message_record(
+        &mut self,
+        envelope: &Envelope,
+        body: &[u8],
+        relocation: Option<(RecordRef, &[RecipientState])>,
+        sealing: Sealing<'_>,
+    ) -> Result<&[u8], BuildError> {
         let recipient_count = u32::try_from(envelope.recipients.len())
             .map_err(|_| BuildError::InvalidEnvelope("more than 2^32 recipients".into()))?;
         let disk = DiskEnvelope::from_envelope(envelope);
@@ -524,23 +614,50 @@ impl RecordBuilder {
         archive.clear();
         let archive = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&disk, archive)
             .map_err(|error| BuildError::InvalidEnvelope(format!("archiving failed: {error}")))?;
+        let (prefix_bytes, states_bytes) = match relocation {
+            None => (MESSAGE_ARCHIVE_OFFSET as u64, 0),
+            Some((_, states)) => (
+                RELOCATED_ARCHIVE_OFFSET as u64,
+                (states.len() * STATE_ENTRY_BYTES) as u64,
+            ),
+        };
         let too_large = |_| BuildError::TooLarge {
-            record_bytes: (RECORD_HEADER_BYTES + MESSAGE_ARCHIVE_OFFSET + TAG_BYTES) as u64
+            record_bytes: (RECORD_HEADER_BYTES + TAG_BYTES) as u64
+                + prefix_bytes
                 + archive.len() as u64
-                + body.len() as u64,
+                + body.len() as u64
+                + states_bytes,
         };
         let archive_length = u32::try_from(archive.len()).map_err(too_large)?;
         let body_length = u32::try_from(body.len()).map_err(too_large)?;
 
         let start = self.begin(
-            MESSAGE_ARCHIVE_OFFSET as u64 + u64::from(archive_length) + u64::from(body_length),
+            prefix_bytes + u64::from(archive_length) + u64::from(body_length) + states_bytes,
         )?;
         let record = &mut self.record;
         record.extend_from_slice(&archive_length.to_le_bytes());
         record.extend_from_slice(&body_length.to_le_bytes());
-        record.extend_from_slice(&[0u8; 8]);
+        let kind = match relocation {
+            None => {
+                record.extend_from_slice(&[0u8; 8]);
+                RecordKind::Message
+            }
+            Some((previous, _)) => {
+                record.extend_from_slice(&previous.segment.to_le_bytes());
+                record.extend_from_slice(&[0u8; 4]);
+                record.extend_from_slice(&previous.offset.to_le_bytes());
+                record.extend_from_slice(&[0u8; 8]);
+                RecordKind::Relocated
+            }
+        };
+        debug_assert_eq!(record.len() - start, prefix_bytes as usize);
         record.extend_from_slice(&archive);
         record.extend_from_slice(body);
+        if let Some((_, states)) = relocation {
+            for state in states {
+                record.extend_from_slice(&encode_state(*state));
+            }
+        }
         debug_assert_eq!(start, RECORD_HEADER_BYTES);
         self.archive = archive;
 
@@ -551,7 +668,7 @@ impl RecordBuilder {
             received_at_us: envelope.received_at_us,
             expires_at_us: envelope.expires_at_us,
         };
-        Ok(self.finish(RecordKind::Message, metadata, sealing))
+        Ok(self.finish(kind, metadata, sealing))
     }
 
     /// Builds a sealed outcome record; the result stays valid until the next
@@ -711,12 +828,107 @@ impl<'a> CheckedRecord<'a> {
     }
 }
 
-/// Decodes a message payload produced by [`CheckedRecord::open`].
+/// A relocated message record's decoded payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelocatedMessage {
+    pub envelope: Envelope,
+    pub body: Vec<u8>,
+    /// Where the copy this one replaces was.
+    pub previous: RecordRef,
+    /// Each recipient's state at the time of the copy, in envelope order.
+    pub states: Vec<RecipientState>,
+}
+
+/// Decodes the envelope and body of a message or relocated message payload
+/// produced by [`CheckedRecord::open`].
 pub fn decode_message(
     header: &RecordHeader,
     plain: &AlignedVec,
 ) -> Result<(Envelope, Vec<u8>), String> {
-    if plain.len() < MESSAGE_ARCHIVE_OFFSET {
+    match header.kind {
+        RecordKind::Message => {
+            let (envelope, body, _) =
+                decode_message_parts(header, plain, MESSAGE_ARCHIVE_OFFSET, 0)?;
+            Ok((envelope, body))
+        }
+        RecordKind::Relocated => {
+            let relocated = decode_relocated(header, plain)?;
+            Ok((relocated.envelope, relocated.body))
+        }
+        RecordKind::Outcome => Err("an outcome record holds no message".into()),
+    }
+}
+
+/// Decodes a relocated message payload produced by [`CheckedRecord::open`].
+pub fn decode_relocated(
+    header: &RecordHeader,
+    plain: &AlignedVec,
+) -> Result<RelocatedMessage, String> {
+    if header.kind != RecordKind::Relocated {
+        return Err("not a relocated message record".into());
+    }
+    let states_bytes = header.recipient_count as usize * STATE_ENTRY_BYTES;
+    let (envelope, body, states_start) =
+        decode_message_parts(header, plain, RELOCATED_ARCHIVE_OFFSET, states_bytes)?;
+    let states = plain[states_start..]
+        .chunks_exact(STATE_ENTRY_BYTES)
+        .map(decode_state)
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(RelocatedMessage {
+        envelope,
+        body,
+        previous: RecordRef {
+            segment: read_u32(plain, RELOCATED_PREVIOUS_SEGMENT_OFFSET),
+            offset: read_u64(plain, RELOCATED_PREVIOUS_OFFSET_OFFSET),
+        },
+        states,
+    })
+}
+
+fn encode_state(state: RecipientState) -> [u8; STATE_ENTRY_BYTES] {
+    let (kind, attempts, next_attempt_us) = match state {
+        RecipientState::Pending {
+            attempts,
+            next_attempt_us,
+        } => (1u8, attempts, next_attempt_us),
+        RecipientState::Delivered => (2, 0, 0),
+        RecipientState::Bounced => (3, 0, 0),
+        RecipientState::Expired => (4, 0, 0),
+    };
+    let mut entry = [0u8; STATE_ENTRY_BYTES];
+    write_bytes(
+        &mut entry,
+        STATE_NEXT_ATTEMPT_OFFSET,
+        &next_attempt_us.to_le_bytes(),
+    );
+    write_bytes(&mut entry, STATE_ATTEMPTS_OFFSET, &attempts.to_le_bytes());
+    entry[STATE_KIND_OFFSET] = kind;
+    entry
+}
+
+fn decode_state(entry: &[u8]) -> Result<RecipientState, String> {
+    match entry[STATE_KIND_OFFSET] {
+        1 => Ok(RecipientState::Pending {
+            attempts: read_u32(entry, STATE_ATTEMPTS_OFFSET),
+            next_attempt_us: read_u64(entry, STATE_NEXT_ATTEMPT_OFFSET),
+        }),
+        2 => Ok(RecipientState::Delivered),
+        3 => Ok(RecipientState::Bounced),
+        4 => Ok(RecipientState::Expired),
+        other => Err(format!("unknown recipient state {other}")),
+    }
+}
+
+/// Decodes the archive and body that follow a payload prefix of
+/// `archive_offset` bytes, with `trailer_bytes` after the body. Returns the
+/// envelope, the body and the offset where the trailer starts.
+fn decode_message_parts(
+    header: &RecordHeader,
+    plain: &AlignedVec,
+    archive_offset: usize,
+    trailer_bytes: usize,
+) -> Result<(Envelope, Vec<u8>, usize), String> {
+    if plain.len() < archive_offset {
         return Err(format!(
             "message payload of {} bytes is too short",
             plain.len()
@@ -724,15 +936,16 @@ pub fn decode_message(
     }
     let archive_length = read_u32(plain, MESSAGE_ARCHIVE_LENGTH_OFFSET) as usize;
     let body_length = read_u32(plain, MESSAGE_BODY_LENGTH_OFFSET) as usize;
-    let expected = MESSAGE_ARCHIVE_OFFSET as u64 + archive_length as u64 + body_length as u64;
+    let expected =
+        archive_offset as u64 + archive_length as u64 + body_length as u64 + trailer_bytes as u64;
     if expected != plain.len() as u64 {
         return Err(format!(
             "message payload is {} bytes but its lengths add up to {expected}",
             plain.len()
         ));
     }
-    let archive_end = MESSAGE_ARCHIVE_OFFSET + archive_length;
-    let archive = &plain[MESSAGE_ARCHIVE_OFFSET..archive_end];
+    let archive_end = archive_offset + archive_length;
+    let archive = &plain[archive_offset..archive_end];
     let disk = rkyv::access::<ArchivedDiskEnvelope, rkyv::rancor::Error>(archive)
         .map_err(|error| format!("envelope archive is invalid: {error}"))?;
     let lane = Lane::from_u8(header.lane).ok_or_else(|| format!("unknown lane {}", header.lane))?;
@@ -779,7 +992,8 @@ pub fn decode_message(
             })
             .collect(),
     };
-    Ok((envelope, plain[archive_end..].to_vec()))
+    let body_end = archive_end + body_length;
+    Ok((envelope, plain[archive_end..body_end].to_vec(), body_end))
 }
 
 /// Decodes an outcome payload produced by [`CheckedRecord::open`].

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{ReadError, SpoolError};
-use crate::format::{OpenError, RecordKind, decode_message, decode_outcome};
+use crate::format::{OpenError, RecordKind, decode_message, decode_outcome, decode_relocated};
 use crate::scan::{HeaderProblem, scan_segment};
 use crate::storage::{FileStorage, Segment, parse_segment_file_name};
 use crate::{Keyring, Outcome, RecordRef, StoredMessage};
@@ -18,6 +18,9 @@ pub enum RecordSummary {
     Message {
         message_id: Option<String>,
         body_bytes: Option<u64>,
+        /// For a copy made by compaction, where the copy it replaces was;
+        /// `None` for an original or when the payload could not be opened.
+        relocated_from: Option<RecordRef>,
     },
     Outcome {
         message: Option<RecordRef>,
@@ -110,6 +113,19 @@ pub fn scan(dir: &Path, keyring: Option<&Keyring>) -> Result<Vec<InspectedRecord
                                 .as_ref()
                                 .map(|(envelope, _)| envelope.message_id.to_string()),
                             body_bytes: decoded.as_ref().map(|(_, body)| body.len() as u64),
+                            relocated_from: None,
+                        }
+                    }
+                    RecordKind::Relocated => {
+                        let decoded = opened
+                            .ok()
+                            .and_then(|plain| decode_relocated(&header, &plain).ok());
+                        RecordSummary::Message {
+                            message_id: decoded
+                                .as_ref()
+                                .map(|copy| copy.envelope.message_id.to_string()),
+                            body_bytes: decoded.as_ref().map(|copy| copy.body.len() as u64),
+                            relocated_from: decoded.as_ref().map(|copy| copy.previous),
                         }
                     }
                     RecordKind::Outcome => {
@@ -200,7 +216,7 @@ pub fn read_message(
             let checked = crate::format::UncheckedRecord(bytes)
                 .check()
                 .map_err(|error| invalid(error.to_string()))?;
-            if checked.header.kind != RecordKind::Message {
+            if !checked.header.kind.holds_message() {
                 return Err(ReadError::NotMessage { record });
             }
             let plain = checked.open(keyring).map_err(|error| match error {

@@ -29,7 +29,7 @@ use caduceus_policy::{Category, Lane};
 pub use error::{AppendError, CommitError, KeyError, ReadError, SpoolError};
 pub use keyring::Keyring;
 pub use reader::{MAX_CACHED_SEGMENTS, SpoolReader};
-pub use shard::{Shard, ShardStats};
+pub use shard::{COMPACTION_LIVE_PERCENT, Relocation, SegmentUsage, Shard, ShardStats};
 
 /// A message's random 128-bit identifier.
 ///

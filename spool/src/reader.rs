@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::error::ReadError;
 use crate::format::{
-    OpenError, RECORD_HEADER_BYTES, RECORD_LENGTH_OFFSET, RecordKind, SEGMENT_HEADER_BYTES,
-    UncheckedRecord, decode_message,
+    OpenError, RECORD_HEADER_BYTES, RECORD_LENGTH_OFFSET, SEGMENT_HEADER_BYTES, UncheckedRecord,
+    decode_message,
 };
 use crate::storage::{FileSegment, FileStorage, Segment};
 use crate::{Keyring, RecordRef, StoredMessage};
@@ -72,7 +72,7 @@ impl SpoolReader {
             let checked = UncheckedRecord(bytes)
                 .check()
                 .map_err(|error| invalid(error.to_string()))?;
-            if checked.header.kind != RecordKind::Message {
+            if !checked.header.kind.holds_message() {
                 return Err(ReadError::NotMessage { record });
             }
             let plain = checked

@@ -6,7 +6,7 @@
 //! `.await`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::os::unix::fs::DirBuilderExt;
 use std::rc::Rc;
@@ -18,16 +18,19 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::error::{AppendError, CommitError, ReadError, SpoolError};
 use crate::format::{
-    BuildError, OpenError, OutcomeRecord, RecordBuilder, RecordKind, SEGMENT_HEADER_BYTES, Sealing,
-    SegmentHeader, UncheckedRecord, decode_message,
+    BuildError, OpenError, OutcomeRecord, RecordBuilder, SEALED_OUTCOME_RECORD_BYTES,
+    SEGMENT_HEADER_BYTES, Sealing, SegmentHeader, UncheckedRecord, decode_message,
 };
 use crate::storage::{FileStorage, Segment, Storage};
 use crate::{
-    CommitSeq, Envelope, Keyring, Outcome, RecordRef, RecoveredMessage, RecoveryReport,
-    SpoolOptions, StoredMessage,
+    CommitSeq, Envelope, Keyring, Outcome, RecipientState, RecordRef, RecoveredMessage,
+    RecoveryReport, SpoolOptions, StoredMessage,
 };
 
+mod compaction;
 mod recovery;
+
+pub use compaction::{COMPACTION_LIVE_PERCENT, Relocation, SegmentUsage};
 
 /// Counters for `caduceus spool stats` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,14 +50,30 @@ pub(crate) struct SegmentEntry<G> {
     pub(crate) write_offset: u64,
     /// Live messages whose message or outcome records are in this segment.
     pub(crate) pins: u32,
+    /// The bytes that keep this segment alive: the message records of live
+    /// messages, plus [`SEALED_OUTCOME_RECORD_BYTES`] per live message whose
+    /// outcome records are here. Compaction compares it with the size.
+    pub(crate) live_bytes: u64,
     /// Damaged records were found here; the file is kept for an operator.
     pub(crate) quarantined: bool,
+    /// Segments that must outlive this one: they contain the final outcomes
+    /// of released messages whose message records are here, or the
+    /// relocated copies of messages whose older copies are here. Deleting
+    /// one of them first would let recovery bring such a message back.
+    pub(crate) holds: BTreeSet<u32>,
+    /// How many other segments' `holds` contain this one.
+    pub(crate) held_by: u32,
 }
 
 pub(crate) struct LiveMessage {
-    pub(crate) recipients: u32,
+    /// Each recipient's state after the latest appended outcome, in envelope
+    /// order. Compaction writes it into the relocated copy.
+    pub(crate) states: Vec<RecipientState>,
     /// Segments other than the message's own that hold its outcome records.
     pub(crate) outcome_segments: Vec<u32>,
+    /// The length of the message record, counted in its segment's
+    /// `live_bytes`.
+    pub(crate) record_bytes: u64,
 }
 
 #[derive(Default)]
@@ -264,17 +283,23 @@ impl<S: Storage + 'static> Shard<S> {
                 },
                 BuildError::InvalidEnvelope(reason) => AppendError::InvalidEnvelope(reason),
             })?;
-        let record = self.write_record(bytes)?;
+        let record_bytes = bytes.len() as u64;
+        let record = self.write_record(bytes, SpaceUse::NewMessage)?;
         drop(builder);
 
+        let pending = RecipientState::Pending {
+            attempts: 0,
+            next_attempt_us: 0,
+        };
         inner.live.borrow_mut().insert(
             record,
             LiveMessage {
-                recipients,
+                states: vec![pending; recipients as usize],
                 outcome_segments: Vec::new(),
+                record_bytes,
             },
         );
-        self.pin(record.segment);
+        self.pin(record.segment, record_bytes);
         Ok((record, self.note_append(record.segment)))
     }
 
@@ -290,7 +315,7 @@ impl<S: Storage + 'static> Shard<S> {
         let inner = &self.inner;
         self.check_open()?;
         let recipients = match inner.live.borrow().get(&message) {
-            Some(live) => live.recipients,
+            Some(live) => live.states.len() as u32,
             None => return Err(AppendError::UnknownMessage(message)),
         };
         if recipient_index >= recipients {
@@ -308,7 +333,7 @@ impl<S: Storage + 'static> Shard<S> {
         };
         let mut builder = inner.builder.borrow_mut();
         let bytes = builder.outcome(&record, self.sealing());
-        let location = self.write_record(bytes)?;
+        let location = self.write_record(bytes, SpaceUse::StateChange)?;
         drop(builder);
 
         let segment = location.segment;
@@ -317,6 +342,15 @@ impl<S: Storage + 'static> Shard<S> {
             // Checked above, and nothing between can release it because this
             // runs without yielding.
             let entry = live.get_mut(&message).expect("message checked live above");
+            entry.states[recipient_index as usize] = match outcome {
+                Outcome::Deferred { next_attempt_us } => RecipientState::Pending {
+                    attempts,
+                    next_attempt_us,
+                },
+                Outcome::Delivered => RecipientState::Delivered,
+                Outcome::Bounced => RecipientState::Bounced,
+                Outcome::Expired => RecipientState::Expired,
+            };
             if segment != message.segment && !entry.outcome_segments.contains(&segment) {
                 entry.outcome_segments.push(segment);
                 true
@@ -325,7 +359,7 @@ impl<S: Storage + 'static> Shard<S> {
             }
         };
         if newly_pinned {
-            self.pin(segment);
+            self.pin(segment, SEALED_OUTCOME_RECORD_BYTES);
         }
         Ok(self.note_append(segment))
     }
@@ -357,7 +391,7 @@ impl<S: Storage + 'static> Shard<S> {
             let checked = UncheckedRecord(bytes)
                 .check()
                 .map_err(|error| invalid(error.to_string()))?;
-            if checked.header.kind != RecordKind::Message {
+            if !checked.header.kind.holds_message() {
                 return Err(ReadError::NotMessage { record });
             }
             let plain = checked
@@ -370,20 +404,22 @@ impl<S: Storage + 'static> Shard<S> {
 
     /// Marks a message as finished: every recipient is final and its final
     /// outcomes are durable. A segment that no live message needs any more
-    /// and that is not the active one is deleted.
-    ///
-    /// TODO: compact segments kept alive by a few long-deferred messages by
-    /// copying those messages forward. This needs an API that gives the
-    /// engine the new record reference of each relocated message.
+    /// and that is not the active one is deleted. Segments kept alive by a
+    /// few long-deferred messages are reclaimed by [`Shard::relocate`].
     pub fn release(&self, record: RecordRef) {
         let inner = &self.inner;
         let Some(live) = inner.live.borrow_mut().remove(&record) else {
             tracing::warn!(shard = inner.shard, %record, "spool: release of a message that is not live; ignored");
             return;
         };
-        self.unpin(record.segment);
+        // The message record must not outlive its final outcomes, or
+        // recovery would find the message live again.
+        for segment in &live.outcome_segments {
+            self.hold(record.segment, *segment);
+        }
+        self.unpin(record.segment, live.record_bytes);
         for segment in live.outcome_segments {
-            self.unpin(segment);
+            self.unpin(segment, SEALED_OUTCOME_RECORD_BYTES);
         }
     }
 
@@ -477,7 +513,7 @@ impl<S: Storage + 'static> Shard<S> {
 
     /// Copies a built record into the active segment, rolling over to a new
     /// segment when it does not fit.
-    fn write_record(&self, bytes: &[u8]) -> Result<RecordRef, AppendError> {
+    fn write_record(&self, bytes: &[u8], space: SpaceUse) -> Result<RecordRef, AppendError> {
         let inner = &self.inner;
         let length = bytes.len() as u64;
         if length > self.max_record_bytes() {
@@ -493,7 +529,7 @@ impl<S: Storage + 'static> Shard<S> {
         };
         let active = match inner.active.get() {
             Some(id) if fits(&inner.segments.borrow(), id) => id,
-            _ => self.roll_over()?,
+            _ => self.roll_over(space)?,
         };
         let mut segments = inner.segments.borrow_mut();
         // `roll_over` inserted the active segment, and segments are only
@@ -512,11 +548,11 @@ impl<S: Storage + 'static> Shard<S> {
 
     /// Makes a new segment active, taking the standby segment if the
     /// committer prepared one.
-    fn roll_over(&self) -> Result<u32, AppendError> {
+    fn roll_over(&self, space: SpaceUse) -> Result<u32, AppendError> {
         let inner = &self.inner;
         let (id, segment) = match inner.standby.borrow_mut().take() {
             Some(standby) => standby,
-            None => create_segment(inner)?,
+            None => create_segment(inner, space)?,
         };
         let previous = inner.active.replace(Some(id));
         inner.segments.borrow_mut().insert(
@@ -525,7 +561,10 @@ impl<S: Storage + 'static> Shard<S> {
                 segment,
                 write_offset: SEGMENT_HEADER_BYTES as u64,
                 pins: 0,
+                live_bytes: 0,
                 quarantined: false,
+                holds: BTreeSet::new(),
+                held_by: 0,
             },
         );
         tracing::info!(
@@ -554,21 +593,25 @@ impl<S: Storage + 'static> Shard<S> {
         CommitSeq(commit.appended)
     }
 
-    fn pin(&self, segment: u32) {
+    /// Counts one more live message in `segment`, which keeps `bytes` of it
+    /// alive.
+    fn pin(&self, segment: u32, bytes: u64) {
         if let Some(entry) = self.inner.segments.borrow_mut().get_mut(&segment) {
             entry.pins += 1;
+            entry.live_bytes += bytes;
         }
     }
 
-    fn unpin(&self, segment: u32) {
+    fn unpin(&self, segment: u32, bytes: u64) {
         if let Some(entry) = self.inner.segments.borrow_mut().get_mut(&segment) {
             // A pin is taken for every reference counted here, so it cannot
             // underflow unless the bookkeeping is broken.
             assert!(
-                entry.pins > 0,
+                entry.pins > 0 && entry.live_bytes >= bytes,
                 "spool: segment {segment} unpinned more often than pinned"
             );
             entry.pins -= 1;
+            entry.live_bytes -= bytes;
         }
         self.remove_if_unused(segment);
     }
@@ -576,21 +619,55 @@ impl<S: Storage + 'static> Shard<S> {
     fn remove_if_unused(&self, segment: u32) {
         remove_if_unused(&self.inner, segment);
     }
+
+    /// Keeps `held` until `holder` is deleted. Does nothing when either is
+    /// gone or they are the same segment.
+    fn hold(&self, holder: u32, held: u32) {
+        if holder == held {
+            return;
+        }
+        let mut segments = self.inner.segments.borrow_mut();
+        if !segments.contains_key(&held) {
+            return;
+        }
+        let added = segments
+            .get_mut(&holder)
+            .is_some_and(|entry| entry.holds.insert(held));
+        if added && let Some(entry) = segments.get_mut(&held) {
+            entry.held_by += 1;
+        }
+    }
 }
 
+/// Deletes `segment` if nothing needs it, then every segment that only its
+/// hold kept.
 pub(crate) fn remove_if_unused<S: Storage>(inner: &Inner<S>, segment: u32) {
-    if inner.active.get() == Some(segment) {
-        return;
+    let mut pending = vec![segment];
+    while let Some(segment) = pending.pop() {
+        if inner.active.get() == Some(segment) {
+            continue;
+        }
+        let mut segments = inner.segments.borrow_mut();
+        let unused = segments
+            .get(&segment)
+            .is_some_and(|entry| entry.pins == 0 && entry.held_by == 0 && !entry.quarantined);
+        if !unused {
+            continue;
+        }
+        // Checked above.
+        let entry = segments.remove(&segment).expect("segment checked above");
+        for held in &entry.holds {
+            if let Some(held_entry) = segments.get_mut(held) {
+                held_entry.held_by -= 1;
+                pending.push(*held);
+            }
+        }
+        drop(segments);
+        delete_segment_file(inner, segment);
     }
-    let mut segments = inner.segments.borrow_mut();
-    let unused = segments
-        .get(&segment)
-        .is_some_and(|entry| entry.pins == 0 && !entry.quarantined);
-    if !unused {
-        return;
-    }
-    segments.remove(&segment);
-    drop(segments);
+}
+
+fn delete_segment_file<S: Storage>(inner: &Inner<S>, segment: u32) {
     match inner.storage.remove(segment) {
         Ok(()) => tracing::info!(
             shard = inner.shard,
@@ -616,9 +693,24 @@ fn open_error(record: RecordRef, error: OpenError) -> ReadError {
     }
 }
 
+/// What a new segment is needed for, which decides whether the disk reserve
+/// applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SpaceUse {
+    /// A new message: the segment must leave `reserve_bytes` free.
+    NewMessage,
+    /// Outcomes and compaction copies of messages already acknowledged. The
+    /// reserve exists so that these can still be written when new mail is
+    /// refused, so only the segment itself must fit.
+    StateChange,
+}
+
 /// Creates the next segment file with its header, after checking the disk
-/// reserve.
-fn create_segment<S: Storage>(inner: &Inner<S>) -> Result<(u32, Rc<S::Segment>), AppendError> {
+/// reserve for `space`.
+fn create_segment<S: Storage>(
+    inner: &Inner<S>,
+    space: SpaceUse,
+) -> Result<(u32, Rc<S::Segment>), AppendError> {
     let free_bytes = inner
         .storage
         .free_bytes()
@@ -627,7 +719,11 @@ fn create_segment<S: Storage>(inner: &Inner<S>) -> Result<(u32, Rc<S::Segment>),
             source,
         })?;
     inner.free_bytes.set(free_bytes);
-    if free_bytes < inner.reserve_bytes.saturating_add(inner.segment_size_bytes) {
+    let reserve_bytes = match space {
+        SpaceUse::NewMessage => inner.reserve_bytes,
+        SpaceUse::StateChange => 0,
+    };
+    if free_bytes < reserve_bytes.saturating_add(inner.segment_size_bytes) {
         return Err(AppendError::DiskReserve {
             free_bytes,
             reserve_bytes: inner.reserve_bytes,
@@ -832,7 +928,7 @@ fn prepare_standby<S: Storage>(inner: &Inner<S>) {
     if !active_half_full {
         return;
     }
-    match create_segment(inner) {
+    match create_segment(inner, SpaceUse::NewMessage) {
         Ok(standby) => *inner.standby.borrow_mut() = Some(standby),
         Err(error) => {
             tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after the next sync")

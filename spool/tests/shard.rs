@@ -437,7 +437,8 @@ fn inspect_lists_records_and_damage() {
             found.summary,
             RecordSummary::Message {
                 message_id: Some(id.clone()),
-                body_bytes: Some(300)
+                body_bytes: Some(300),
+                relocated_from: None,
             }
         );
     }
@@ -454,7 +455,8 @@ fn inspect_lists_records_and_damage() {
         blind[0].summary,
         RecordSummary::Message {
             message_id: None,
-            body_bytes: None
+            body_bytes: None,
+            relocated_from: None,
         }
     );
     assert_eq!(

@@ -150,29 +150,52 @@ impl Engine {
         self.spawn()
     }
 
-    /// Reads the delivery log, `<state_dir>/log/delivery.log`, one JSON value
-    /// per line. A line that is not valid JSON is an error, because the engine
-    /// writes whole lines only.
+    /// Reads the delivery log, one JSON value per line: `<state_dir>/log/delivery.log`
+    /// when it exists (written by earlier versions and by fake engines), then
+    /// every per-core file `delivery.<core>.<YYYYMMDD>.<n>.log` ordered by
+    /// day, generation and core. A line that is not valid JSON is an error,
+    /// because the engine writes whole lines only.
     pub fn delivery_log(&self) -> io::Result<Vec<serde_json::Value>> {
-        let path = self.state_dir.join("log").join("delivery.log");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
+        let dir = self.state_dir.join("log");
+        let mut rotated = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let name = entry?.file_name().to_string_lossy().into_owned();
+                    if let Some(order) = rotated_log_order(&name) {
+                        rotated.push((order, name));
+                    }
+                }
+            }
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(error) => return Err(error),
-        };
-        text.lines()
-            .filter(|line| !line.trim().is_empty())
-            .enumerate()
-            .map(|(index, line)| {
-                serde_json::from_str(line).map_err(|error| {
+        }
+        rotated.sort();
+        let names = std::iter::once("delivery.log".to_string())
+            .chain(rotated.into_iter().map(|(_, name)| name));
+        let mut entries = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error),
+            };
+            for (index, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str(line).map_err(|error| {
                     other_error(format!(
                         "{} line {}: invalid JSON: {error}",
                         path.display(),
                         index + 1
                     ))
-                })
-            })
-            .collect()
+                })?;
+                entries.push(value);
+            }
+        }
+        Ok(entries)
     }
 
     /// Returns the engine's standard error so far.
@@ -354,4 +377,15 @@ fn lane_socket(config: &toml::Table, state_dir: &Path, lane: Lane) -> PathBuf {
             .join("run")
             .join(format!("{}.sock", lane.as_str())),
     }
+}
+
+/// Returns the (day, generation, core) of a per-core delivery log file name,
+/// `delivery.<core>.<YYYYMMDD>.<n>.log`.
+fn rotated_log_order(name: &str) -> Option<(u32, u32, u16)> {
+    let inner = name.strip_prefix("delivery.")?.strip_suffix(".log")?;
+    let mut parts = inner.split('.');
+    let core = parts.next()?.parse().ok()?;
+    let day = parts.next()?.parse().ok()?;
+    let generation = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((day, generation, core))
 }

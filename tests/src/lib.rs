@@ -6,7 +6,8 @@
 //! - [`Dnsmasq`]: a DNS server that serves the test zones.
 //! - [`ScriptedReceiver`]: an SMTP server whose replies a test scripts, for
 //!   behaviour no real MTA produces on demand (421 mid-session, a dropped
-//!   connection after the final dot, stalls).
+//!   connection after the final dot, stalls). It is the engine's
+//!   `caduceus_engine::sink`, re-exported.
 //! - [`Engine`]: the `caduceus` binary run as a child process.
 //! - [`Swaks`], [`smtp_source`] and [`SmtpClient`]: senders.
 //!
@@ -28,4 +29,7 @@ pub use dnsmasq::{DnsRecord, Dnsmasq};
 pub use engine::{Engine, Lane, engine_binary};
 pub use net::{free_port, micros_since_epoch};
 pub use postfix::{DeliveredMessage, Postfix, PostfixOptions};
-pub use receiver::{Plan, Received, Response, Script, ScriptedReceiver};
+pub use receiver::{
+    CommandRecord, DomainScript, MessageSummary, Plan, Received, Recording, Response, Script,
+    ScriptedReceiver, SinkSummary, TlsCounts,
+};

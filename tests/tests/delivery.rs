@@ -361,8 +361,7 @@ fn held_destination_waits_for_release() {
     assert!(listing.contains("yes"), "{listing}");
     common::caduceus(&["queue", "release", "held.test", "--config"], &config_path);
     receiver.wait_for(3, WAIT).expect("delivered after release");
-    let audit =
-        std::fs::read_to_string(engine.state_dir().join("log/audit.log")).expect("audit log");
+    let audit = common::control_audit(engine.state_dir());
     assert!(audit.contains("queue.hold"), "{audit}");
     assert!(audit.contains("\"operator_uid\":0"), "{audit}");
 }

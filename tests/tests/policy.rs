@@ -100,7 +100,7 @@ fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
         &config_file,
     );
     assert!(check.contains("complaint"), "{check}");
-    let audit = std::fs::read_to_string(engine.state_dir().join("log/audit.log")).expect("audit");
+    let audit = common::control_audit(engine.state_dir());
     assert!(audit.contains("suppress.add"), "{audit}");
     assert!(
         !audit.contains("complained@patients.test"),

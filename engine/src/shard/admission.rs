@@ -114,7 +114,21 @@ impl Admission for ShardAdmission {
             .spool
             .append_message(&envelope, &submission.body)
             .map_err(|error| append_error_reply(shard.index, &error))?;
-        shard.spool.durable(seq).await.map_err(|error| {
+        // The audit record is written now, before the commit completes, and
+        // synced alongside it; the 250 waits for both.
+        let audited = crate::audit::accepted(&envelope, submission.body.len());
+        let (durable, audited) = futures_lite::future::zip(shard.spool.durable(seq), audited).await;
+        if let Err(error) = audited {
+            // The message is in the spool and will be delivered; the client
+            // gets 451 because no acknowledged message may lack its record.
+            tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: audit record not durable; the client gets 451 and its retry may duplicate the message");
+            return Err(Reply::new(
+                451,
+                EnhancedStatus::new(4, 3, 0),
+                "Local error in processing, try again later",
+            ));
+        }
+        durable.map_err(|error| {
             tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: group commit failed; the client gets 451 and will retry");
             Reply::new(
                 451,
@@ -136,6 +150,7 @@ impl Admission for ShardAdmission {
         entry.peer_pid = Some(envelope.peer_pid);
         entry.size_bytes = Some(submission.body.len());
         shard.log.write(&entry);
+        crate::metrics::record_event(&entry);
 
         let states = vec![
             RecipientState::Pending {

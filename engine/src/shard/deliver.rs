@@ -824,6 +824,8 @@ fn log_attempt(
         entry.next_attempt_us = Some(next_attempt_us);
     }
     shard.log.write(&entry);
+    crate::audit::record_outcome(&entry);
+    crate::metrics::record_event(&entry);
 }
 
 /// The delay before attempt `attempt_number + 1`: the schedule's entry for
@@ -999,6 +1001,8 @@ fn send_dsn(
                 _ => "dsn relayed",
             });
             shard.log.write(&entry);
+            crate::audit::dsn_generated(&envelope.message_id.to_string(), &entry);
+            crate::metrics::record_event(&entry);
             let states = vec![RecipientState::Pending {
                 attempts: 0,
                 next_attempt_us: now,
@@ -1173,6 +1177,8 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
             );
             entry.note = Some("deleted by operator");
             shard.log.write(&entry);
+            crate::audit::record_outcome(&entry);
+            crate::metrics::record_event(&entry);
             count += 1;
         }
         let final_now = shard

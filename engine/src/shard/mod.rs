@@ -6,6 +6,7 @@
 //! `RefCell` borrow is never held across an `.await`.
 
 mod admission;
+mod compaction;
 mod deliver;
 pub mod queue;
 pub mod throttle;
@@ -150,16 +151,21 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         .map_err(|error| format!("core {}: resolver setup failed: {error}", spec.index))?;
     let tls = TlsContext::new(config.tls.ca_file.as_deref(), config.tls.session_resumption)
         .map_err(|error| format!("core {}: TLS setup failed: {error}", spec.index))?;
-    let log_path = config.log_dir().join("delivery.log");
-    let log = DeliveryLog::open(&log_path, config.recipient_logging, site_key.clone()).map_err(
-        |error| {
-            format!(
-                "core {}: delivery log {} failed to open: {error}",
-                spec.index,
-                log_path.display()
-            )
-        },
-    )?;
+    let log_dir = config.log_dir();
+    let log = DeliveryLog::open(
+        &log_dir,
+        spec.index,
+        config.delivery_log.max_file_bytes,
+        config.recipient_logging,
+        site_key.clone(),
+    )
+    .map_err(|error| {
+        format!(
+            "core {}: delivery log in {} failed to open: {error}",
+            spec.index,
+            log_dir.display()
+        )
+    })?;
     let transactional = spec.lanes.contains(&Lane::Transactional);
     let latency = if transactional {
         Latency::Matters(Duration::from_millis(1))
@@ -253,12 +259,14 @@ async fn serve(started: Started) -> Result<(), String> {
 
     deliver::dispatch_all(&shard);
     let scheduler = glommio::spawn_local(deliver::scheduler(shard.clone())).detach();
+    let compactor = compaction::spawn(&shard);
 
     // The control loop: operator commands, the shutdown flag and the log
     // flush all run on one 20 ms tick.
     loop {
         glommio::timer::sleep(Duration::from_millis(20)).await;
         shard.log.flush();
+        crate::metrics::sample_shard(&shard);
         while let Ok(request) = control.try_recv() {
             handle_control(&shard, request);
         }
@@ -287,6 +295,7 @@ async fn serve(started: Started) -> Result<(), String> {
         );
     }
     scheduler.cancel();
+    compactor.cancel();
     deliver::close_idle(&shard).await;
     shard.log.flush();
     shard

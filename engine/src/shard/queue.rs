@@ -142,6 +142,37 @@ impl Queue {
         ready_domains
     }
 
+    /// Moves messages that spool compaction copied to new locations: each
+    /// `(old, new)` pair re-keys the message and its deferral timers.
+    ///
+    /// Compaction only moves messages with no recipient `scheduled`, so no
+    /// ready work item or delivery in flight refers to an old location.
+    pub fn relocate(&mut self, moved: &[(RecordRef, RecordRef)]) {
+        if moved.is_empty() {
+            return;
+        }
+        for (old, new) in moved {
+            if let Some(message) = self.messages.remove(old) {
+                debug_assert!(
+                    !message.scheduled.iter().any(|scheduled| *scheduled),
+                    "compaction moved message {old} with a recipient scheduled"
+                );
+                self.messages.insert(*new, message);
+            }
+        }
+        let locations: HashMap<RecordRef, RecordRef> = moved.iter().copied().collect();
+        let deferrals = std::mem::take(&mut self.deferrals);
+        self.deferrals = deferrals
+            .into_iter()
+            .map(|Reverse(mut deferral)| {
+                if let Some(new) = locations.get(&deferral.record) {
+                    deferral.record = *new;
+                }
+                Reverse(deferral)
+            })
+            .collect();
+    }
+
     /// Returns the shared name of a domain, creating its destination entry.
     pub fn intern(&mut self, domain: &str) -> Rc<str> {
         if let Some((key, _)) = self.destinations.get_key_value(domain) {

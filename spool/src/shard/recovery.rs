@@ -3,18 +3,31 @@
 //! Segments are replayed in id order and records in offset order, which is
 //! the order they were appended in, so the last outcome record of a
 //! recipient is its current state.
+//!
+//! Compaction copies a live message forward as a relocated record that
+//! carries every recipient's state, and deletes the old segment only once the
+//! copy is durable. A crash between the two leaves both copies. Recovery keeps
+//! the relocated record and drops every earlier record with the same message
+//! id, with the outcomes folded into it, so the message is neither lost nor
+//! delivered twice. No outcome for the old copy can follow the relocated
+//! record, because the shard stops accepting outcomes for the old location
+//! when it makes the copy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Instant;
 
 use super::{LiveMessage, SegmentEntry};
 use crate::error::SpoolError;
-use crate::format::{OpenError, RecordKind, SEGMENT_HEADER_BYTES, decode_message, decode_outcome};
+use crate::format::{
+    OpenError, RecordKind, SEALED_OUTCOME_RECORD_BYTES, SEGMENT_HEADER_BYTES, decode_message,
+    decode_outcome, decode_relocated,
+};
 use crate::scan::{HeaderProblem, scan_segment};
 use crate::storage::{Segment, Storage};
 use crate::{
-    Envelope, Keyring, Outcome, RecipientState, RecordRef, RecoveredMessage, RecoveryReport,
+    Envelope, Keyring, MessageId, Outcome, RecipientState, RecordRef, RecoveredMessage,
+    RecoveryReport,
 };
 
 pub(super) struct Recovered<G> {
@@ -29,6 +42,7 @@ struct Found {
     envelope: Envelope,
     states: Vec<RecipientState>,
     outcome_segments: Vec<u32>,
+    record_bytes: u64,
 }
 
 /// One segment's contribution, gathered inside the read closure.
@@ -62,6 +76,13 @@ pub(super) async fn recover<S: Storage>(
     let mut segments = BTreeMap::new();
     let mut blank = Vec::new();
     let mut orphan_outcomes = 0u64;
+    // The latest record holding each message, to drop the older copies that
+    // a relocated record replaces.
+    let mut latest_copy: HashMap<MessageId, RecordRef> = HashMap::new();
+    let mut superseded_copies = 0u64;
+    // Pairs of segments where the first must be deleted before the second,
+    // as the running shard keeps them (see `SegmentEntry::holds`).
+    let mut holds: Vec<(u32, u32)> = Vec::new();
 
     for &id in &ids {
         let segment = storage
@@ -104,12 +125,38 @@ pub(super) async fn recover<S: Storage>(
                                 };
                                 envelope.recipients.len()
                             ];
+                            // Two original records never share a random
+                            // message id, so there is nothing to replace.
+                            latest_copy.insert(envelope.message_id, location);
                             found.insert(
                                 location,
                                 Found {
                                     envelope,
                                     states,
                                     outcome_segments: Vec::new(),
+                                    record_bytes: record.bytes.len() as u64,
+                                },
+                            );
+                        }
+                        Err(reason) => contributed.quarantined.push((offset, reason)),
+                    },
+                    RecordKind::Relocated => match decode_relocated(&record.header, &plain) {
+                        Ok(copy) => {
+                            contributed.records += 1;
+                            let envelope = copy.envelope;
+                            if let Some(older) = latest_copy.insert(envelope.message_id, location)
+                                && found.remove(&older).is_some()
+                            {
+                                superseded_copies += 1;
+                                holds.push((older.segment, id));
+                            }
+                            found.insert(
+                                location,
+                                Found {
+                                    envelope,
+                                    states: copy.states,
+                                    outcome_segments: Vec::new(),
+                                    record_bytes: record.bytes.len() as u64,
                                 },
                             );
                         }
@@ -240,7 +287,10 @@ pub(super) async fn recover<S: Storage>(
                 segment: Rc::new(segment),
                 write_offset: scan.valid_end,
                 pins: 0,
+                live_bytes: 0,
                 quarantined,
+                holds: BTreeSet::new(),
+                held_by: 0,
             },
         );
     }
@@ -248,21 +298,33 @@ pub(super) async fn recover<S: Storage>(
     let mut live = HashMap::new();
     let mut messages = Vec::new();
     for (record, message) in found {
+        holds.extend(
+            message
+                .outcome_segments
+                .iter()
+                .map(|segment| (record.segment, *segment)),
+        );
         if message.states.iter().all(|state| state.is_final()) {
             continue;
         }
-        for segment in
-            std::iter::once(record.segment).chain(message.outcome_segments.iter().copied())
-        {
+        let pins = std::iter::once((record.segment, message.record_bytes)).chain(
+            message
+                .outcome_segments
+                .iter()
+                .map(|segment| (*segment, SEALED_OUTCOME_RECORD_BYTES)),
+        );
+        for (segment, bytes) in pins {
             if let Some(entry) = segments.get_mut(&segment) {
                 entry.pins += 1;
+                entry.live_bytes += bytes;
             }
         }
         live.insert(
             record,
             LiveMessage {
-                recipients: message.states.len() as u32,
+                states: message.states.clone(),
                 outcome_segments: message.outcome_segments,
+                record_bytes: message.record_bytes,
             },
         );
         messages.push(RecoveredMessage {
@@ -272,16 +334,41 @@ pub(super) async fn recover<S: Storage>(
         });
     }
 
+    for (holder, held) in holds {
+        if holder == held || !segments.contains_key(&held) {
+            continue;
+        }
+        let added = segments
+            .get_mut(&holder)
+            .is_some_and(|entry| entry.holds.insert(held));
+        if added && let Some(entry) = segments.get_mut(&held) {
+            entry.held_by += 1;
+        }
+    }
+
     // Every recovered segment is read-only from now on, so one that contains
-    // no live message is garbage.
-    let unused: Vec<u32> = segments
-        .iter()
-        .filter(|(_, entry)| entry.pins == 0 && !entry.quarantined)
-        .map(|(id, _)| *id)
-        .chain(blank.iter().copied())
-        .collect();
-    for id in unused {
-        segments.remove(&id);
+    // no live message and that no remaining segment holds is garbage.
+    let mut pending: Vec<u32> = segments.keys().copied().collect();
+    for id in blank {
+        if let Err(error) = storage.remove(id) {
+            tracing::warn!(shard, segment = id, %error, "spool: deleting an unused segment failed");
+        }
+    }
+    while let Some(id) = pending.pop() {
+        let unused = segments
+            .get(&id)
+            .is_some_and(|entry| entry.pins == 0 && entry.held_by == 0 && !entry.quarantined);
+        if !unused {
+            continue;
+        }
+        // Checked above.
+        let entry = segments.remove(&id).expect("segment checked above");
+        for held in entry.holds {
+            if let Some(held_entry) = segments.get_mut(&held) {
+                held_entry.held_by -= 1;
+                pending.push(held);
+            }
+        }
         if let Err(error) = storage.remove(id) {
             tracing::warn!(shard, segment = id, %error, "spool: deleting an unused segment failed");
         }
@@ -300,6 +387,7 @@ pub(super) async fn recover<S: Storage>(
         records = report.records,
         live_messages = messages.len(),
         orphan_outcomes,
+        superseded_copies,
         torn_tails = report.torn_tail_truncated,
         quarantined = report.quarantined.len(),
         elapsed_ms = report.elapsed.as_millis() as u64,
@@ -323,6 +411,9 @@ fn quarantined_entry<G: Segment>(segment: G) -> SegmentEntry<G> {
         // Nothing in a segment with a bad header is readable.
         write_offset: SEGMENT_HEADER_BYTES as u64,
         pins: 0,
+        live_bytes: 0,
         quarantined: true,
+        holds: BTreeSet::new(),
+        held_by: 0,
     }
 }

@@ -198,3 +198,24 @@ pub fn inject(
         }
     }
 }
+
+/// The control thread's audit stream (`log/audit/control-YYYYMMDD.jsonl`,
+/// every day's file in order): one JSON line per administrative command.
+pub fn control_audit(state_dir: &Path) -> String {
+    let dir = state_dir.join("log").join("audit");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", dir.display()))
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("control-") && name.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| std::fs::read_to_string(path).expect("control audit file"))
+        .collect()
+}

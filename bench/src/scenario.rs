@@ -1,0 +1,479 @@
+//! The orchestrator: for one scenario, starts the sink, starts the target
+//! (the engine as a child process, or a Postfix relay), runs the generator,
+//! waits until every message is accounted for, and checks the deliveries.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use caduceus_engine::sink::{DomainScript, Recording, Script, ScriptedReceiver, SinkSummary, tls};
+use caduceus_tests::{Engine, Lane, Postfix, PostfixOptions, free_port};
+
+use crate::generator::{Domains, SizeMix, Stream, StreamOutcome, Target, run_stream};
+use crate::results::{Evaluation, RunResult, accounted, evaluate};
+
+/// The sender domain of every generated message; notifications (DSNs) go
+/// back to it, and it is routed to the sink like the recipients.
+pub const SENDER_DOMAIN: &str = "bench.example";
+
+/// Policy `rate` of the throttled destinations in `fanout`, in messages per
+/// second.
+pub const FANOUT_RATE_PER_SEC: f64 = 50.0;
+/// Policy `burst` of the throttled destinations in `fanout`.
+pub const FANOUT_BURST: u32 = 100;
+/// How many of the largest `fanout` destinations are throttled.
+const FANOUT_THROTTLED_DOMAINS: usize = 10;
+
+/// Loopback addresses the sink listens on, one port for all, so that
+/// destinations differ by address as MX hosts do.
+const SINK_ADDRESS_COUNT: u8 = 8;
+
+/// Last octet of the Postfix relay's listening address.
+const POSTFIX_LISTEN_OCTET: u8 = 20;
+
+/// The scenarios of `caduceus-bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Bulk lane only, as fast as the engine accepts.
+    Throughput,
+    /// Bulk saturating, transactional at a fixed rate; reports the
+    /// transactional lane's tail latency.
+    Mixed,
+    /// 1,000 destinations, the largest with rate limits in policy.
+    Fanout,
+    /// Every delivery over STARTTLS, with session resumption on and off.
+    Tls,
+    /// The sink fails, closes and drops as scripted; a short retry
+    /// schedule.
+    Faults,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput",
+            Scenario::Mixed => "mixed",
+            Scenario::Fanout => "fanout",
+            Scenario::Tls => "tls",
+            Scenario::Faults => "faults",
+        }
+    }
+
+    fn domain_count(self) -> usize {
+        match self {
+            Scenario::Fanout => 1000,
+            _ => 8,
+        }
+    }
+}
+
+/// Settings of one scenario run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Bulk messages (all messages in `throughput`, `tls`, `fanout` and
+    /// `faults`).
+    pub messages: u64,
+    /// Upper bound on the injection time.
+    pub duration: Duration,
+    /// Upper bound on the wait for deliveries after injection ends.
+    pub wait: Duration,
+    /// Transactional messages per second in `mixed`.
+    pub transactional_rate: f64,
+    /// Injecting connections of the bulk stream.
+    pub connections: u32,
+    /// Messages per pipelined group on one connection.
+    pub pipeline_depth: usize,
+    pub sizes: SizeMix,
+    pub seed: u64,
+    /// The `caduceus` binary.
+    pub engine_binary: PathBuf,
+}
+
+/// Returns the `caduceus` binary: `$CADUCEUS_BIN`, else `caduceus` next to
+/// the running executable (both are built into `target/<profile>/`).
+pub fn default_engine_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CADUCEUS_BIN") {
+        return PathBuf::from(path);
+    }
+    let own = std::env::current_exe().unwrap_or_default();
+    // Test and bench executables live one level deeper, in `deps/`.
+    let dir = own.parent().map(Path::to_path_buf).unwrap_or_default();
+    let beside = dir.join("caduceus");
+    if beside.is_file() {
+        return beside;
+    }
+    dir.parent()
+        .map_or(beside.clone(), |parent| parent.join("caduceus"))
+}
+
+fn loopback(last_octet: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet))
+}
+
+/// Returns whether `domain` is one of the throttled destinations of
+/// `fanout` (the ranks 1 to 10 of the Zipf skew).
+pub fn is_throttled_domain(domain: &str) -> bool {
+    domain
+        .strip_prefix('d')
+        .and_then(|rest| rest.strip_suffix(".rcpt.example"))
+        .and_then(|rank| rank.parse::<usize>().ok())
+        .is_some_and(|rank| (1..=FANOUT_THROTTLED_DOMAINS).contains(&rank))
+}
+
+fn domain_names(scenario: Scenario) -> Vec<String> {
+    (1..=scenario.domain_count())
+        .map(|rank| format!("d{rank}.rcpt.example"))
+        .collect()
+}
+
+/// Starts the sink for `scenario` on 127.0.0.1 to 127.0.0.8, one port. It
+/// offers STARTTLS only in `tls`, so the other scenarios measure queueing
+/// and delivery without the handshake cost, which differs most between
+/// implementations (Postfix does not reuse TLS connections by default).
+fn start_sink(
+    scenario: Scenario,
+    domains: &[String],
+    seed: u64,
+) -> Result<ScriptedReceiver, String> {
+    let addrs: Vec<SocketAddr> = (1..=SINK_ADDRESS_COUNT)
+        .map(|octet| SocketAddr::new(loopback(octet), 0))
+        .collect();
+    let starttls = if scenario == Scenario::Tls {
+        let config = tls::self_signed_config("sink.bench.example", true)
+            .map_err(|error| format!("sink TLS configuration failed: {error}"))?;
+        Some(config)
+    } else {
+        None
+    };
+    let mut script = Script {
+        hostname: "sink.bench.example".into(),
+        recording: Recording::Summary,
+        max_connections: 4096,
+        max_message_bytes: 64 * 1024 * 1024,
+        idle_timeout: Duration::from_secs(120),
+        seed,
+        starttls,
+        ..Script::default()
+    };
+    if scenario == Scenario::Faults {
+        script.domains = fault_scripts(domains);
+    }
+    ScriptedReceiver::start_many(&addrs, script)
+        .map_err(|error| format!("cannot start the sink: {error}"))
+}
+
+/// Builds the misbehaviour of the `faults` scenario. Every domain fails some
+/// RCPT commands. The busiest domain also closes connections with 421 and
+/// drops some connections after the final dot, and the domain on 127.0.0.8
+/// greets slowly.
+fn fault_scripts(domains: &[String]) -> Vec<DomainScript> {
+    domains
+        .iter()
+        .enumerate()
+        .map(|(index, domain)| DomainScript {
+            domain: domain.clone(),
+            temporary_failure_fraction: 0.05,
+            permanent_failure_fraction: 0.01,
+            close_421_after_messages: (index == 0).then_some(20),
+            drop_after_dot_fraction: if index == 0 { 0.02 } else { 0.0 },
+            greeting_delay: if index == 7 {
+                Duration::from_millis(500)
+            } else {
+                Duration::ZERO
+            },
+            greeting_addresses: if index == 7 {
+                vec![loopback(SINK_ADDRESS_COUNT)]
+            } else {
+                Vec::new()
+            },
+        })
+        .collect()
+}
+
+/// Returns the sink address that `domain_index` is routed to.
+fn route_of(sink: &ScriptedReceiver, domain_index: usize) -> SocketAddr {
+    sink.addrs()[domain_index % sink.addrs().len()]
+}
+
+/// Builds the engine configuration: drop root to `nobody` (the engine
+/// refuses to stay root), DNS to a loopback port where nothing answers,
+/// every domain routed to the sink.
+fn engine_config(
+    scenario: Scenario,
+    sink: &ScriptedReceiver,
+    domains: &[String],
+    session_resumption: bool,
+) -> String {
+    let retry = if scenario == Scenario::Faults {
+        "retry_schedule = [\"1s\", \"2s\", \"3s\", \"5s\"]\n"
+    } else {
+        ""
+    };
+    let mut config = format!(
+        "hostname = \"mta.bench.example\"\n\
+         user = \"nobody\"\n\
+         \n\
+         [spool]\n\
+         segment_size_bytes = 67108864\n\
+         reserve_bytes = 268435456\n\
+         \n\
+         [dns]\n\
+         nameservers = [\"127.0.0.1:9\"]\n\
+         timeout = \"1s\"\n\
+         \n\
+         [delivery]\n\
+         max_connections_per_destination = 16\n\
+         max_messages_per_connection = 1000\n\
+         max_concurrent_deliveries = 1024\n\
+         \n\
+         [tls]\n\
+         session_resumption = {session_resumption}\n\
+         \n\
+         [lanes.transactional]\n\
+         {retry}\
+         \n\
+         [lanes.bulk]\n\
+         {retry}\
+         \n\
+         [[rule]]\n\
+         domain = \"{SENDER_DOMAIN}\"\n\
+         sender_category = \"care\"\n\
+         route = \"{}\"\n",
+        sink.addr()
+    );
+    for (index, domain) in domains.iter().enumerate() {
+        config.push_str(&format!(
+            "\n[[rule]]\ndomain = \"{domain}\"\nroute = \"{}\"\n",
+            route_of(sink, index)
+        ));
+        // In `fanout`, the ten largest destinations get throttles, as a
+        // large mailbox provider would need.
+        if scenario == Scenario::Fanout && index < FANOUT_THROTTLED_DOMAINS {
+            config.push_str(&format!(
+                "rate = {FANOUT_RATE_PER_SEC:.1}\nburst = {FANOUT_BURST}\n"
+            ));
+        }
+    }
+    config
+}
+
+/// Creates a temporary directory that the engine's unprivileged user can
+/// traverse.
+fn state_dir() -> Result<tempfile::TempDir, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("caduceus-bench-")
+        .tempdir()
+        .map_err(|error| format!("cannot create a state directory: {error}"))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .map_err(|error| format!("cannot set the state directory mode: {error}"))?;
+    Ok(dir)
+}
+
+/// Returns the peak resident set size of process `pid` in KiB (`VmHWM`).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix("VmHWM:")?;
+        value.trim().trim_end_matches("kB").trim().parse().ok()
+    })
+}
+
+/// The injection targets of one run.
+struct Targets {
+    transactional: Target,
+    bulk: Target,
+}
+
+/// Builds the streams of `scenario`.
+fn streams(scenario: Scenario, options: &Options, targets: &Targets, tag: &str) -> Vec<Stream> {
+    let domains = Domains::zipf(domain_names(scenario), 1.0);
+    let bulk = Stream {
+        lane: "bulk".into(),
+        target: targets.bulk.clone(),
+        messages: options.messages,
+        rate_per_sec: None,
+        connections: options.connections,
+        pipeline_depth: options.pipeline_depth,
+        sizes: options.sizes,
+        domains: domains.clone(),
+        sender: format!("news@{SENDER_DOMAIN}"),
+        category: Some("care".into()),
+        seed: options.seed,
+        run_tag: tag.to_string(),
+    };
+    if scenario != Scenario::Mixed {
+        return vec![bulk];
+    }
+    let transactional_messages =
+        (options.transactional_rate * options.duration.as_secs_f64()).ceil() as u64;
+    let transactional = Stream {
+        lane: "transactional".into(),
+        target: targets.transactional.clone(),
+        messages: transactional_messages,
+        rate_per_sec: Some(options.transactional_rate),
+        connections: 1,
+        pipeline_depth: 1,
+        sizes: SizeMix::Fixed(3 * 1024),
+        domains,
+        sender: format!("reminders@{SENDER_DOMAIN}"),
+        category: None,
+        seed: options.seed.wrapping_add(1),
+        run_tag: tag.to_string(),
+    };
+    vec![bulk, transactional]
+}
+
+/// Runs the streams: the first (bulk) to completion, the others until the
+/// first finishes, so the transactional stream measures latency under load.
+fn run_streams(streams: &[Stream], duration: Duration) -> Vec<StreamOutcome> {
+    let deadline = Instant::now() + duration;
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let handles: Vec<_> = streams
+            .iter()
+            .enumerate()
+            .map(|(index, stream)| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let outcome = run_stream(stream, deadline, stop);
+                    if index == 0 {
+                        stop.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    outcome
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// Waits until every sent message arrived or bounced, or `wait` passes.
+/// Returns the sink's final summary.
+fn wait_for_deliveries(
+    sink: &ScriptedReceiver,
+    outcomes: &[StreamOutcome],
+    wait: Duration,
+) -> SinkSummary {
+    let sent: usize = outcomes.iter().map(|outcome| outcome.sent.len()).sum();
+    let deadline = Instant::now() + wait;
+    let mut last_checked = u64::MAX;
+    loop {
+        let accepted = sink.accepted_count();
+        // A snapshot copies every record, so take one only when something
+        // new arrived and enough has arrived to possibly be complete.
+        if accepted != last_checked && accepted as f64 >= sent as f64 * 0.9 {
+            last_checked = accepted;
+            let summary = sink.summary();
+            if accounted(outcomes, &summary) >= sent {
+                return summary;
+            }
+        }
+        if Instant::now() >= deadline {
+            return sink.summary();
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn run_tag() -> String {
+    format!("run{}", caduceus_engine::sink::micros_since_epoch())
+}
+
+/// Runs `scenario` against the engine. `session_resumption` sets
+/// `[tls] session_resumption`.
+pub fn run_caduceus(
+    scenario: Scenario,
+    options: &Options,
+    session_resumption: bool,
+    label: &str,
+) -> Result<RunResult, String> {
+    let domains = domain_names(scenario);
+    let sink = start_sink(scenario, &domains, options.seed)?;
+    let state = state_dir()?;
+    let config = engine_config(scenario, &sink, &domains, session_resumption);
+    let mut engine = Engine::start_binary(&options.engine_binary, &config, state.path())
+        .map_err(|error| format!("cannot start the engine: {error}"))?;
+    let targets = Targets {
+        transactional: Target::Lane(engine.socket(Lane::Transactional).to_path_buf()),
+        bulk: Target::Lane(engine.socket(Lane::Bulk).to_path_buf()),
+    };
+    let streams = streams(scenario, options, &targets, &run_tag());
+    let outcomes = run_streams(&streams, options.duration);
+    let summary = wait_for_deliveries(&sink, &outcomes, options.wait);
+    let peak_rss = engine.pid().and_then(peak_rss_kib);
+    let tls = sink.tls_counts();
+    let _ = engine.sigterm();
+    if engine.wait_exit(Duration::from_secs(30)).is_err() {
+        eprintln!("caduceus-bench: the engine did not stop within 30 s; killing it");
+    }
+    Ok(evaluate(&Evaluation {
+        scenario: scenario.name(),
+        target: label,
+        streams: &outcomes,
+        summary: &summary,
+        tls,
+        sender_domain: SENDER_DOMAIN,
+        peak_rss_kib: peak_rss,
+    }))
+}
+
+/// Returns the Postfix settings for `scenario`: STARTTLS to the sink with a
+/// session cache in `tls`, and a short retry schedule in `faults`, like the
+/// engine's.
+fn postfix_settings(scenario: Scenario) -> Vec<(String, String)> {
+    let mut settings = Vec::new();
+    if scenario == Scenario::Tls {
+        settings.push(("smtp_tls_security_level".into(), "may".into()));
+        settings.push((
+            "smtp_tls_session_cache_database".into(),
+            "btree:${data_directory}/smtp_scache".into(),
+        ));
+    }
+    if scenario == Scenario::Faults {
+        for (name, value) in [
+            ("minimal_backoff_time", "1s"),
+            ("maximal_backoff_time", "5s"),
+            ("queue_run_delay", "1s"),
+        ] {
+            settings.push((name.into(), value.into()));
+        }
+    }
+    settings
+}
+
+/// Runs `scenario` through a Postfix relay on loopback with its default
+/// durable queue, relaying to the same kind of sink.
+pub fn run_postfix(scenario: Scenario, options: &Options) -> Result<RunResult, String> {
+    let domains = domain_names(scenario);
+    let sink = start_sink(scenario, &domains, options.seed)?;
+    let ip = loopback(POSTFIX_LISTEN_OCTET);
+    let port = free_port(ip).map_err(|error| format!("no free port on {ip}: {error}"))?;
+    let mut postfix_options = PostfixOptions::relay(SocketAddr::new(ip, port), sink.addr());
+    postfix_options.main_cf = postfix_settings(scenario);
+    let postfix = Postfix::start(postfix_options)
+        .map_err(|error| format!("cannot start the Postfix relay: {error}"))?;
+    let targets = Targets {
+        transactional: Target::Tcp(postfix.addr()),
+        bulk: Target::Tcp(postfix.addr()),
+    };
+    let streams = streams(scenario, options, &targets, &run_tag());
+    let outcomes = run_streams(&streams, options.duration);
+    let summary = wait_for_deliveries(&sink, &outcomes, options.wait);
+    let tls = sink.tls_counts();
+    drop(postfix);
+    Ok(evaluate(&Evaluation {
+        scenario: scenario.name(),
+        target: "postfix",
+        streams: &outcomes,
+        summary: &summary,
+        tls,
+        sender_domain: SENDER_DOMAIN,
+        peak_rss_kib: None,
+    }))
+}

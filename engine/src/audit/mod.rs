@@ -1,0 +1,533 @@
+//! The audit trail: who submitted which message, what became of each
+//! recipient, which DSNs were generated and which administrative commands
+//! ran, kept so that an edit by an insider is detectable.
+//!
+//! Each executor writes its own stream (`core-<N>`) and the control thread
+//! writes `control`, so no mutable state is shared between threads. Streams
+//! live in `<state_dir>/log/audit/` as daily files, hash-chained and
+//! checkpointed with Ed25519 signatures (see [`chain`]). Subjects, bodies
+//! and reply texts never appear: a remote reply may quote the recipient's
+//! address, which `recipient_logging = "hmac"` promises to hide.
+//!
+//! Durability: the `accepted` record is written before the spool's group
+//! commit completes. Its `fdatasync` runs through io_uring, on a glommio
+//! `BufferedFile` opened on the same path, concurrently with the spool's
+//! sync, and the `250` waits for both. Concurrent submissions share one
+//! sync, like the spool's group commit. Outcome records are buffered and
+//! written and synced at the next accepted record or within 100 ms.
+
+pub mod chain;
+pub mod date;
+pub mod key;
+pub mod report;
+pub mod verify;
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caduceus_policy::config::Config;
+use caduceus_spool::Envelope;
+use glommio::io::BufferedFile;
+use serde::Serialize;
+
+use crate::deliverylog::{Entry, Event, now_us};
+use chain::StreamWriter;
+use key::AuditKey;
+
+/// How often an executor writes and syncs buffered outcome records.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One audit record's own fields; the chain fields come first on the line.
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// A stream opened (engine start).
+    Started { pid: u32 },
+    /// A message was accepted from a client on a lane socket.
+    Accepted {
+        message_id: String,
+        lane: &'static str,
+        category: &'static str,
+        peer_uid: u32,
+        peer_gid: u32,
+        peer_pid: u32,
+        recipients: usize,
+        size_bytes: usize,
+    },
+    /// One recipient's outcome: delivered, deferred, bounced, expired or
+    /// deleted (the `outcome` field).
+    Outcome(OutcomeRecord),
+    /// A delivery status notification was generated for a message.
+    Dsn {
+        message_id: String,
+        dsn_message_id: String,
+        action: &'static str,
+        lane: &'static str,
+    },
+    /// An administrative command on the control socket.
+    Admin {
+        operator_uid: u32,
+        command: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        destination: Option<String>,
+        /// The HMAC of the address a suppression or consent command named.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        address_hmac: Option<String>,
+    },
+    /// Files past the retention period were deleted.
+    RetentionDeleted {
+        files: Vec<String>,
+        through_seq: u64,
+        retention_days: u64,
+    },
+    /// A crash interrupted a line's write; the fragment was cut off when
+    /// the stream reopened.
+    TornTailDiscarded { file: String, bytes: u64 },
+}
+
+/// The fields of an outcome record.
+#[derive(Debug, Serialize)]
+pub struct OutcomeRecord {
+    pub outcome: &'static str,
+    pub message_id: String,
+    pub lane: &'static str,
+    pub category: &'static str,
+    /// The address or `hmac:<hex>`, per `recipient_logging`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cipher: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    pub received_at_us: u64,
+}
+
+fn event_name(event: Event) -> &'static str {
+    match event {
+        Event::Received => "received",
+        Event::Delivered => "delivered",
+        Event::Deferred => "deferred",
+        Event::Bounced => "bounced",
+        Event::Expired => "expired",
+        Event::Deleted => "deleted",
+    }
+}
+
+impl OutcomeRecord {
+    /// Takes the fields of a delivery log entry. The recipient there is
+    /// already in the form `recipient_logging` asks for.
+    pub fn from_entry(entry: &Entry<'_>) -> OutcomeRecord {
+        OutcomeRecord {
+            outcome: event_name(entry.event),
+            message_id: entry.message_id.to_string(),
+            lane: entry.lane.as_str(),
+            category: entry.category.as_str(),
+            recipient: entry.recipient.clone(),
+            remote_host: entry.remote_host.map(str::to_string),
+            remote_ip: entry.remote_ip.clone(),
+            reply_code: entry.reply_code,
+            tls_version: entry.tls_version.map(str::to_string),
+            tls_cipher: entry.tls_cipher.map(str::to_string),
+            attempt: entry.attempt,
+            received_at_us: entry.received_at_us,
+        }
+    }
+}
+
+/// The directory of the audit streams.
+pub fn audit_dir(config: &Config) -> PathBuf {
+    config.log_dir().join("audit")
+}
+
+/// Settings shared by every stream of one engine: the directory, the
+/// signing key and the retention. Built once on the main thread.
+pub struct AuditSetup {
+    dir: PathBuf,
+    key: Arc<AuditKey>,
+    retention: Duration,
+}
+
+impl AuditSetup {
+    /// Creates the audit directory and loads or creates the signing key.
+    /// Returns `None` when `[audit] enabled = false`.
+    pub fn open(config: &Config) -> Result<Option<Arc<AuditSetup>>, String> {
+        if !config.audit.enabled {
+            tracing::warn!(
+                "audit: the audit trail is off (audit.enabled = false); accepted messages and outcomes are not recorded in it"
+            );
+            return Ok(None);
+        }
+        let dir = audit_dir(config);
+        std::fs::create_dir_all(&dir)
+            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+        let key = AuditKey::load_or_create(&config.state_dir.join("keys"))?;
+        Ok(Some(Arc::new(AuditSetup {
+            dir,
+            key: Arc::new(key),
+            retention: config.audit.retention.get(),
+        })))
+    }
+
+    /// Opens a stream, records the start and any repaired tail, and
+    /// applies retention.
+    pub fn open_stream(&self, name: &str) -> Result<StreamWriter, String> {
+        let now = now_us();
+        let (mut writer, recovery) =
+            StreamWriter::open(&self.dir, name, self.key.clone(), self.retention, now).map_err(
+                |error| {
+                    format!(
+                        "audit stream {name} in {} failed to open: {error}",
+                        self.dir.display()
+                    )
+                },
+            )?;
+        let mut record = || -> std::io::Result<()> {
+            if let Some(file) = recovery.torn_file.clone() {
+                tracing::warn!(
+                    stream = name,
+                    file,
+                    bytes = recovery.torn_bytes,
+                    "audit: cut off an incomplete last line left by a crash"
+                );
+                writer.stage(
+                    &AuditEvent::TornTailDiscarded {
+                        file,
+                        bytes: recovery.torn_bytes,
+                    },
+                    now,
+                )?;
+            }
+            writer.stage(
+                &AuditEvent::Started {
+                    pid: std::process::id(),
+                },
+                now,
+            )?;
+            writer.apply_retention(now)?;
+            writer.write_and_sync()
+        };
+        record().map_err(|error| format!("audit stream {name} failed to write: {error}"))?;
+        Ok(writer)
+    }
+}
+
+/// An executor's stream, with io_uring syncs shared by concurrent callers.
+pub struct CoreStream {
+    writer: RefCell<StreamWriter>,
+    /// A read-only handle on the current file for io_uring `fdatasync`,
+    /// reopened after a rotation (the generation changes).
+    sync_file: RefCell<Option<(u64, Rc<BufferedFile>)>>,
+    /// One sync at a time; callers that queue behind it usually find their
+    /// record covered when they get the permit.
+    sync_lock: glommio::sync::Semaphore,
+    synced_seq: Cell<u64>,
+    closed: Cell<bool>,
+}
+
+thread_local! {
+    static CORE: RefCell<Option<Rc<CoreStream>>> = const { RefCell::new(None) };
+    static CONTROL: RefCell<Option<StreamWriter>> = const { RefCell::new(None) };
+}
+
+fn core_stream() -> Option<Rc<CoreStream>> {
+    CORE.with(|core| core.borrow().clone())
+}
+
+/// Opens executor `index`'s stream and makes it this thread's stream.
+/// Call inside the executor before it accepts mail. Starts the flush task.
+pub fn install_core(setup: &AuditSetup, index: u16) -> Result<(), String> {
+    let writer = setup.open_stream(&format!("core-{index}"))?;
+    let synced = writer.head().seq;
+    let stream = Rc::new(CoreStream {
+        writer: RefCell::new(writer),
+        sync_file: RefCell::new(None),
+        sync_lock: glommio::sync::Semaphore::new(1),
+        synced_seq: Cell::new(synced),
+        closed: Cell::new(false),
+    });
+    CORE.with(|core| *core.borrow_mut() = Some(stream.clone()));
+    glommio::spawn_local(async move {
+        while !stream.closed.get() {
+            glommio::timer::sleep(FLUSH_INTERVAL).await;
+            let target = {
+                let writer = stream.writer.borrow();
+                (writer.has_buffered() || writer.needs_sync()).then(|| writer.head().seq)
+            };
+            if let Some(seq) = target
+                && let Err(error) = stream.sync_through(seq).await
+            {
+                tracing::error!(core = index, %error, "audit: outcome records failed to write or sync; retrying");
+            }
+        }
+    })
+    .detach();
+    Ok(())
+}
+
+/// Syncs and checkpoints this executor's stream; call when the executor
+/// stops.
+pub async fn close_core() {
+    let Some(stream) = core_stream() else {
+        return;
+    };
+    let target = stream.writer.borrow().head().seq;
+    if let Err(error) = stream.sync_through(target).await {
+        tracing::error!(%error, "audit: final sync failed");
+    }
+    stream.closed.set(true);
+    if let Err(error) = stream.writer.borrow_mut().close() {
+        tracing::error!(%error, "audit: final checkpoint failed");
+    }
+    CORE.with(|core| core.borrow_mut().take());
+}
+
+impl CoreStream {
+    /// Writes out buffered records and waits until every record up to
+    /// `seq` is durable.
+    async fn sync_through(&self, seq: u64) -> std::io::Result<()> {
+        let _permit = self
+            .sync_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))?;
+        if self.synced_seq.get() >= seq {
+            return Ok(());
+        }
+        let (head, generation, path) = {
+            let mut writer = self.writer.borrow_mut();
+            writer.write_out()?;
+            (
+                writer.head().clone(),
+                writer.generation(),
+                writer.current_path(),
+            )
+        };
+        let file = self.sync_handle(generation, &path).await?;
+        file.fdatasync()
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))?;
+        self.synced_seq.set(head.seq);
+        self.writer.borrow_mut().mark_synced(head)
+    }
+
+    async fn sync_handle(&self, generation: u64, path: &Path) -> std::io::Result<Rc<BufferedFile>> {
+        if let Some((cached, file)) = &*self.sync_file.borrow()
+            && *cached == generation
+        {
+            return Ok(file.clone());
+        }
+        let file = Rc::new(
+            BufferedFile::open(path)
+                .await
+                .map_err(|error| std::io::Error::other(error.to_string()))?,
+        );
+        *self.sync_file.borrow_mut() = Some((generation, file.clone()));
+        Ok(file)
+    }
+
+    fn stage(&self, event: &AuditEvent) -> std::io::Result<u64> {
+        self.writer.borrow_mut().stage(event, now_us())
+    }
+}
+
+/// Records an accepted message and returns a future that completes when
+/// the record is durable. The line is written before this returns, so it
+/// reaches the file before the spool's commit completes; await the future
+/// together with `spool.durable(seq)` before answering `250`. Without an
+/// audit stream on this thread the future completes at once.
+pub fn accepted(
+    envelope: &Envelope,
+    size_bytes: usize,
+) -> impl std::future::Future<Output = Result<(), String>> + use<> {
+    let stream = core_stream();
+    let staged = stream.as_ref().map(|stream| {
+        let event = AuditEvent::Accepted {
+            message_id: envelope.message_id.to_string(),
+            lane: envelope.lane.as_str(),
+            category: envelope.category.as_str(),
+            peer_uid: envelope.peer_uid,
+            peer_gid: envelope.peer_gid,
+            peer_pid: envelope.peer_pid,
+            recipients: envelope.recipients.len(),
+            size_bytes,
+        };
+        stream.stage(&event).and_then(|seq| {
+            stream.writer.borrow_mut().write_out()?;
+            Ok(seq)
+        })
+    });
+    async move {
+        match (stream, staged) {
+            (Some(stream), Some(Ok(seq))) => stream
+                .sync_through(seq)
+                .await
+                .map_err(|error| format!("audit record failed to sync: {error}")),
+            (_, Some(Err(error))) => Err(format!("audit record failed to write: {error}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Records a delivery outcome from its delivery log entry (delivered,
+/// deferred, bounced, expired, deleted); `received` entries are ignored
+/// because [`accepted`] and [`dsn_generated`] record them.
+pub fn record_outcome(entry: &Entry<'_>) {
+    if entry.event == Event::Received {
+        return;
+    }
+    let Some(stream) = core_stream() else {
+        return;
+    };
+    let event = AuditEvent::Outcome(OutcomeRecord::from_entry(entry));
+    if let Err(error) = stream.stage(&event) {
+        tracing::error!(message_id = entry.message_id, %error, "audit: outcome record failed to write");
+    }
+}
+
+/// Records a DSN generated for `message_id`, from the DSN's own `received`
+/// delivery log entry (its note is `dsn failed` or `dsn relayed`).
+pub fn dsn_generated(message_id: &str, dsn_entry: &Entry<'_>) {
+    let Some(stream) = core_stream() else {
+        return;
+    };
+    let action = match dsn_entry.note {
+        Some(note) if note.contains("relayed") => "relayed",
+        _ => "failed",
+    };
+    let event = AuditEvent::Dsn {
+        message_id: message_id.to_string(),
+        dsn_message_id: dsn_entry.message_id.to_string(),
+        action,
+        lane: dsn_entry.lane.as_str(),
+    };
+    if let Err(error) = stream.stage(&event) {
+        tracing::error!(message_id, %error, "audit: DSN record failed to write");
+    }
+}
+
+/// Makes `writer` (from [`AuditSetup::open_stream`]) the calling thread's
+/// control stream.
+pub fn install_control(writer: StreamWriter) {
+    CONTROL.with(|control| *control.borrow_mut() = Some(writer));
+}
+
+/// Records an administrative command and syncs it before the command runs.
+/// Returns false when this thread has no control stream (auditing off).
+pub fn admin(
+    operator_uid: u32,
+    command: &str,
+    destination: Option<&str>,
+    address_hmac: Option<&str>,
+) -> bool {
+    CONTROL.with(|control| {
+        let mut control = control.borrow_mut();
+        let Some(writer) = control.as_mut() else {
+            return false;
+        };
+        let event = AuditEvent::Admin {
+            operator_uid,
+            command: command.to_string(),
+            destination: destination.map(str::to_string),
+            address_hmac: address_hmac.map(str::to_string),
+        };
+        let result = writer
+            .stage(&event, now_us())
+            .and_then(|_| writer.write_and_sync());
+        if let Err(error) = result {
+            tracing::error!(operator_uid, command, %error, "audit: admin record failed to write");
+        }
+        true
+    })
+}
+
+/// Syncs and checkpoints the control stream, at shutdown.
+pub fn close_control() {
+    CONTROL.with(|control| {
+        if let Some(mut writer) = control.borrow_mut().take()
+            && let Err(error) = writer.close()
+        {
+            tracing::error!(%error, "audit: control stream failed to close");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;
+
+/// `caduceus audit verify`: prints each problem and a summary per stream;
+/// fails when any problem was found.
+pub fn run_verify(config: &Config, anchor: Option<&Path>) -> Result<(), String> {
+    let dir = audit_dir(config);
+    let public = key::read_public_hex(&config.state_dir.join("keys"))?;
+    let anchors = match anchor {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| format!("cannot read the anchor {}: {error}", path.display()))?;
+            verify::parse_anchors(&text)?
+        }
+        None => Vec::new(),
+    };
+    let report = verify::verify(&dir, &public, &anchors);
+    for problem in &report.problems {
+        println!("{problem}");
+    }
+    for (stream, summary) in &report.streams {
+        println!(
+            "{stream}: {} records, seq {}..={}, {} checkpoints checked",
+            summary.records, summary.first_seq, summary.last_seq, summary.checkpoints_checked
+        );
+    }
+    if report.problems.is_empty() {
+        println!("audit trail intact");
+        Ok(())
+    } else {
+        Err(format!(
+            "{} problems in the audit trail under {}",
+            report.problems.len(),
+            dir.display()
+        ))
+    }
+}
+
+/// `caduceus audit anchor`: prints the newest checkpoint of each stream.
+pub fn run_anchor(config: &Config) -> Result<(), String> {
+    for line in verify::latest_checkpoints(&audit_dir(config))? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// `caduceus report`: the per-message table for `from..=to` (YYYY-MM-DD,
+/// UTC) as CSV or JSON.
+pub fn run_report(config: &Config, from: &str, to: &str, format: &str) -> Result<(), String> {
+    let parse = |text: &str, flag: &str| {
+        date::Date::parse(text)
+            .filter(|_| text.len() == 10)
+            .ok_or_else(|| format!("invalid --{flag} {text:?}: expected a date such as 2026-12-04"))
+    };
+    let (from, to) = (parse(from, "from")?, parse(to, "to")?);
+    if from > to {
+        return Err(format!("--from {from} is after --to {to}"));
+    }
+    let rows = report::build(&audit_dir(config), from, to)?;
+    match format {
+        "csv" => print!("{}", report::to_csv(&rows)),
+        "json" => println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|error| error.to_string())?
+        ),
+        other => return Err(format!("invalid --format {other:?}: expected csv or json")),
+    }
+    Ok(())
+}

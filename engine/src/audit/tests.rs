@@ -1,0 +1,455 @@
+//! Tamper-evidence tests over streams built by the real writer.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::AuditEvent;
+use super::chain::{CHECKPOINT_FILE, StreamWriter, file_name, list_streams};
+use super::date::{DAY_US, Date};
+use super::key::AuditKey;
+use super::verify::{ProblemKind, Report, latest_checkpoints, parse_anchors, verify};
+
+/// 2026-12-04 00:00 UTC plus one hour.
+const BASE_US: u64 = 20_791 * DAY_US + 3_600_000_000;
+const RECORDS: u64 = 10_000;
+const RETENTION: Duration = Duration::from_secs(2190 * 86_400);
+
+fn admin_event(index: u64) -> AuditEvent {
+    AuditEvent::Admin {
+        operator_uid: 1000,
+        command: "queue.hold".into(),
+        destination: Some(format!("d{index}.example")),
+        address_hmac: None,
+    }
+}
+
+/// Writes `RECORDS` records through the writer, syncing every 100, and
+/// closes the stream (which writes a final checkpoint).
+fn build_stream() -> (tempfile::TempDir, PathBuf, String) {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    let (mut writer, _) = StreamWriter::open(&dir, "core-0", key, RETENTION, BASE_US).unwrap();
+    for index in 0..RECORDS {
+        writer.stage(&admin_event(index), BASE_US + index).unwrap();
+        if index % 100 == 99 {
+            writer.write_and_sync().unwrap();
+        }
+    }
+    writer.close().unwrap();
+    let file = dir.join(file_name("core-0", Date::from_unix_us(BASE_US)));
+    (directory, file, public)
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    fs::write(path, text).unwrap();
+}
+
+fn only_problem(report: &Report) -> &super::verify::Problem {
+    assert_eq!(
+        report.problems.len(),
+        1,
+        "expected one problem, got {:#?}",
+        report.problems
+    );
+    &report.problems[0]
+}
+
+#[test]
+fn untouched_stream_verifies() {
+    let (directory, file, public) = build_stream();
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    let summary = &report.streams["core-0"];
+    assert_eq!(summary.records, RECORDS);
+    assert_eq!(summary.first_seq, 1);
+    assert_eq!(summary.last_seq, RECORDS);
+    // Every 1000 records plus the close.
+    assert!(summary.checkpoints_checked >= RECORDS / 1000);
+    assert_eq!(lines(&file).len() as u64, RECORDS);
+}
+
+#[test]
+fn edited_byte_names_the_record() {
+    let (directory, file, public) = build_stream();
+    let mut content = fs::read(&file).unwrap();
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(
+            content
+                .iter()
+                .enumerate()
+                .filter(|(_, byte)| **byte == b'\n')
+                .map(|(index, _)| index + 1),
+        )
+        .collect();
+    // Change one digit of the destination in record 5000 (line 5000).
+    let line_start = line_starts[4999];
+    let line_end = line_starts[5000] - 1;
+    let position = (line_start..line_end)
+        .rev()
+        .find(|index| content[*index].is_ascii_digit())
+        .unwrap();
+    content[position] = if content[position] == b'9' {
+        b'8'
+    } else {
+        b'9'
+    };
+    fs::write(&file, content).unwrap();
+
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    let problem = &report.problems[0];
+    assert_eq!(problem.kind, ProblemKind::Edited, "{problem}");
+    assert_eq!(problem.line, Some(5000), "{problem}");
+    assert_eq!(problem.seq, Some(5000), "{problem}");
+    assert_eq!(
+        problem.file.as_deref(),
+        file.file_name().and_then(|name| name.to_str())
+    );
+}
+
+#[test]
+fn deleted_line_names_the_gap() {
+    let (directory, file, public) = build_stream();
+    let mut all = lines(&file);
+    all.remove(6999);
+    write_lines(&file, &all);
+
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    // The checkpoint at seq 7000 also names the missing record.
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|problem| problem.kind == ProblemKind::Removed),
+        "{:#?}",
+        report.problems
+    );
+    let problem = &report.problems[0];
+    assert_eq!(problem.line, Some(7000), "{problem}");
+    assert_eq!(problem.seq, Some(7001), "{problem}");
+    assert!(problem.detail.contains("7000..=7000"), "{problem}");
+}
+
+#[test]
+fn inserted_line_is_named() {
+    let (directory, file, public) = build_stream();
+    let mut all = lines(&file);
+    let copy = all[2999].clone();
+    all.insert(3000, copy);
+    write_lines(&file, &all);
+
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    let problem = &report.problems[0];
+    assert_eq!(problem.kind, ProblemKind::Inserted, "{problem}");
+    assert_eq!(problem.line, Some(3000), "{problem}");
+}
+
+#[test]
+fn truncated_tail_is_reported() {
+    let (directory, file, public) = build_stream();
+    let mut all = lines(&file);
+    all.truncate(9_500);
+    write_lines(&file, &all);
+
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    assert!(!report.problems.is_empty());
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|problem| problem.kind == ProblemKind::Truncated),
+        "{:#?}",
+        report.problems
+    );
+    assert!(
+        report.problems[0].detail.contains("ends at seq 9500"),
+        "{}",
+        report.problems[0]
+    );
+}
+
+#[test]
+fn torn_last_line_is_reported() {
+    let (directory, file, public) = build_stream();
+    let mut content = fs::read(&file).unwrap();
+    content.truncate(content.len() - 10);
+    fs::write(&file, content).unwrap();
+
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    assert_eq!(report.problems[0].kind, ProblemKind::TornLine);
+    assert_eq!(report.problems[0].line, Some(RECORDS));
+}
+
+/// An insider who recomputes every hash after an edit keeps the chain
+/// consistent; the signed checkpoint still disagrees.
+#[test]
+fn rewritten_chain_fails_the_checkpoint() {
+    let (directory, file, public) = build_stream();
+    let mut all = lines(&file);
+    all[1233] = all[1233].replace("d1233.example", "x1233.example");
+    let mut previous = super::chain::line_hash(all[1232].as_bytes());
+    for line in all.iter_mut().skip(1233) {
+        let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+        value["prev"] = serde_json::Value::String(previous);
+        *line = serde_json::to_string(&value).unwrap();
+        previous = super::chain::line_hash(line.as_bytes());
+    }
+    write_lines(&file, &all);
+
+    let report = verify(&directory.path().join("audit"), &public, &[]);
+    assert!(!report.problems.is_empty());
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|problem| problem.kind == ProblemKind::Rewritten),
+        "{:#?}",
+        report.problems
+    );
+    assert_eq!(
+        report.problems[0].seq,
+        Some(2000),
+        "first checkpoint after the edit"
+    );
+}
+
+#[test]
+fn anchor_detects_truncation_past_it() {
+    let (directory, file, public) = build_stream();
+    let dir = directory.path().join("audit");
+    let anchors = parse_anchors(&latest_checkpoints(&dir).unwrap().join("\n")).unwrap();
+    assert_eq!(anchors.len(), 1);
+    assert_eq!(anchors[0].seq, RECORDS);
+
+    // The insider cuts the stream and the checkpoint file back together.
+    let mut all = lines(&file);
+    all.truncate(8_000);
+    write_lines(&file, &all);
+    fs::remove_file(dir.join(CHECKPOINT_FILE)).unwrap();
+
+    let without = verify(&dir, &public, &[]);
+    assert!(without.problems.is_empty(), "nothing on the host can tell");
+    let with = verify(&dir, &public, &anchors);
+    let problem = only_problem(&with);
+    assert_eq!(problem.kind, ProblemKind::Truncated, "{problem}");
+    assert!(problem.detail.contains("anchor"), "{problem}");
+}
+
+#[test]
+fn forged_checkpoint_signature_is_rejected() {
+    let (directory, _file, public) = build_stream();
+    let dir = directory.path().join("audit");
+    let path = dir.join(CHECKPOINT_FILE);
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replacen("\"seq\":1000,", "\"seq\":999,", 1);
+    fs::write(&path, text).unwrap();
+    let report = verify(&dir, &public, &[]);
+    let problem = only_problem(&report);
+    assert_eq!(problem.kind, ProblemKind::BadCheckpoint, "{problem}");
+}
+
+#[test]
+fn reopen_continues_chain_and_cuts_torn_tail() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    let (mut writer, _) =
+        StreamWriter::open(&dir, "core-1", key.clone(), RETENTION, BASE_US).unwrap();
+    for index in 0..10 {
+        writer.stage(&admin_event(index), BASE_US).unwrap();
+    }
+    writer.close().unwrap();
+    drop(writer);
+    let file = dir.join(file_name("core-1", Date::from_unix_us(BASE_US)));
+    let mut content = fs::read(&file).unwrap();
+    content.extend_from_slice(b"{\"seq\":11,\"prev\":\"ab");
+    fs::write(&file, content).unwrap();
+
+    let (mut writer, recovery) =
+        StreamWriter::open(&dir, "core-1", key, RETENTION, BASE_US).unwrap();
+    assert_eq!(recovery.torn_bytes, 20);
+    assert_eq!(writer.head().seq, 10);
+    writer.stage(&admin_event(10), BASE_US).unwrap();
+    writer.close().unwrap();
+
+    let report = verify(&dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(report.streams["core-1"].last_seq, 11);
+}
+
+#[test]
+fn rotation_continues_chain_and_retention_is_recorded() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    let retention = Duration::from_secs(2 * 86_400);
+    let (mut writer, _) =
+        StreamWriter::open(&dir, "core-0", key.clone(), retention, BASE_US).unwrap();
+    for day in 0..6u64 {
+        for index in 0..5 {
+            writer
+                .stage(&admin_event(index), BASE_US + day * DAY_US + index)
+                .unwrap();
+        }
+        writer.write_and_sync().unwrap();
+    }
+    writer.close().unwrap();
+
+    let streams = list_streams(&dir).unwrap();
+    let files: Vec<String> = streams[0].1.iter().map(|(day, _)| day.compact()).collect();
+    // Days 0..=5 were written; with 2 days of retention, days 0, 1 and 2
+    // were deleted by the rotations to days 3, 4 and 5 in turn.
+    assert_eq!(files, ["20261207", "20261208", "20261209"]);
+    let text = fs::read_to_string(&streams[0].1[0].1).unwrap();
+    assert!(text.contains("retention_deleted"), "{text}");
+
+    let report = verify(&dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+
+    // Deleting the oldest remaining file without a retention record is
+    // named.
+    fs::remove_file(&streams[0].1[0].1).unwrap();
+    let report = verify(&dir, &public, &[]);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.kind == ProblemKind::Removed),
+        "{:#?}",
+        report.problems
+    );
+}
+
+#[test]
+fn report_lists_outcomes_per_recipient() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let (mut writer, _) = StreamWriter::open(&dir, "core-0", key, RETENTION, BASE_US).unwrap();
+    let accepted = AuditEvent::Accepted {
+        message_id: "m1".into(),
+        lane: "transactional",
+        category: "care",
+        peer_uid: 65534,
+        peer_gid: 65534,
+        peer_pid: 42,
+        recipients: 2,
+        size_bytes: 100,
+    };
+    writer.stage(&accepted, BASE_US).unwrap();
+    for (outcome, attempt) in [("deferred", 1), ("delivered", 2)] {
+        let record = super::OutcomeRecord {
+            outcome,
+            message_id: "m1".into(),
+            lane: "transactional",
+            category: "care",
+            recipient: Some("hmac:ab,cd".into()),
+            remote_host: Some("mx.example".into()),
+            remote_ip: Some("127.0.0.9".into()),
+            reply_code: Some(250),
+            tls_version: Some("TLSv1.3".into()),
+            tls_cipher: Some("TLS13_AES_256_GCM_SHA384".into()),
+            attempt: Some(attempt),
+            received_at_us: BASE_US,
+        };
+        writer
+            .stage(&AuditEvent::Outcome(record), BASE_US + 1000)
+            .unwrap();
+    }
+    writer.close().unwrap();
+
+    let day = Date::from_unix_us(BASE_US);
+    let rows = super::report::build(&dir, day, day).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].peer_uid, Some(65534));
+    assert_eq!(rows[0].recipients.len(), 2);
+    assert_eq!(rows[0].recipients[0].outcome, "delivered");
+    assert_eq!(rows[0].recipients[0].attempts, 2);
+    assert_eq!(rows[0].recipients[1].outcome, "pending");
+    let csv = super::report::to_csv(&rows);
+    assert!(csv.contains("\"hmac:ab,cd\",delivered,2,250"), "{csv}");
+
+    let next = Date::from_days(day.to_days() + 1);
+    assert!(super::report::build(&dir, next, next).unwrap().is_empty());
+}
+
+/// The accepted line reaches the file before the caller awaits anything,
+/// so it is there before the spool's commit can complete. Awaiting the
+/// returned future syncs it, and closing writes a checkpoint.
+#[test]
+fn accepted_line_written_before_await() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = caduceus_policy::config::Config {
+        state_dir: directory.path().to_path_buf(),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(directory.path().join("keys")).unwrap();
+    let state = directory.path().to_path_buf();
+    let result = glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let setup = super::AuditSetup::open(&config)
+                .unwrap()
+                .expect("auditing is on by default");
+            super::install_core(&setup, 3).unwrap();
+            let envelope = caduceus_spool::Envelope {
+                message_id: caduceus_spool::MessageId([7; 16]),
+                received_at_us: 1,
+                expires_at_us: 2,
+                lane: caduceus_policy::Lane::Transactional,
+                category: caduceus_policy::Category::Care,
+                sender: "clinic@example.org".into(),
+                envid: None,
+                ret: None,
+                body_8bit: false,
+                smtputf8: false,
+                peer_uid: 4242,
+                peer_gid: 4343,
+                peer_pid: 99,
+                recipients: Vec::new(),
+            };
+            let durable = super::accepted(&envelope, 123);
+            let files = stream_files_of(&state, "core-3");
+            let before = fs::read_to_string(&files[0]).unwrap();
+            durable.await.unwrap();
+            super::close_core().await;
+            before
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(result.contains("\"event\":\"accepted\""), "{result}");
+    assert!(result.contains("\"peer_uid\":4242"), "{result}");
+    assert!(result.contains("\"size_bytes\":123"), "{result}");
+
+    let dir = directory.path().join("log").join("audit");
+    let public = super::key::read_public_hex(&directory.path().join("keys")).unwrap();
+    let report = verify(&dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(report.streams["core-3"].last_seq, 2, "started, accepted");
+    assert!(report.streams["core-3"].checkpoints_checked >= 1);
+}
+
+fn stream_files_of(state: &Path, stream: &str) -> Vec<PathBuf> {
+    list_streams(&state.join("log").join("audit"))
+        .unwrap()
+        .into_iter()
+        .find(|(name, _)| name == stream)
+        .map(|(_, files)| files.into_iter().map(|(_, path)| path).collect())
+        .unwrap_or_default()
+}
