@@ -355,6 +355,8 @@ mkdir -p "$state_dir/run" "$state_dir/log"
 echo '{"event":"started"}' >> "$state_dir/log/delivery.log"
 trap 'exit 0' TERM
 # Block inside bash itself, so that SIGKILL leaves no child process behind.
+# A run killed between mkfifo and rm leaves the fifo behind; remove it first.
+rm -f "$state_dir/block"
 mkfifo "$state_dir/block"
 exec 3<> "$state_dir/block"
 rm "$state_dir/block"

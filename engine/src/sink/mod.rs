@@ -197,7 +197,7 @@ pub struct Script {
     pub max_message_bytes: usize,
     /// A connection idle for this long is closed without a reply.
     pub idle_timeout: Duration,
-    /// What the receiver keeps of each message; `Full` by default.
+    /// The record kept of each message; `Full` by default.
     pub recording: Recording,
 }
 
