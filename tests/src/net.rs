@@ -3,15 +3,34 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// First port of the range `free_port` picks from: below Linux's default
+/// ephemeral range (32768-60999, `net.ipv4.ip_local_port_range`), so that
+/// no outgoing connection of a concurrently running test is given the
+/// port between this call and the caller's bind.
+const PORT_RANGE_START: u16 = 20_000;
+const PORT_RANGE_SIZE: u16 = 12_000;
+
 /// Picks a TCP port on `ip` that is free at the time of the call.
 ///
-/// The port is found by binding port 0 and closing the socket again, so another
-/// process may take it before the caller binds it. Tests that start several
-/// peers at once therefore also give each peer its own 127.0.0.x address.
+/// The port is probed by binding it and closing the socket again, so the
+/// caller binds it a moment later. Ports come from below the kernel's
+/// ephemeral range, starting at an offset drawn from the clock and the
+/// process id, so that only another explicit bind can take the port in
+/// between; tests also give each peer its own 127.0.0.x address.
 pub fn free_port(ip: IpAddr) -> io::Result<u16> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = micros_since_epoch() as u32 ^ std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..PORT_RANGE_SIZE {
+        let step = NEXT.fetch_add(7_919, Ordering::Relaxed);
+        let port = PORT_RANGE_START + (seed.wrapping_add(step) % u32::from(PORT_RANGE_SIZE)) as u16;
+        if TcpListener::bind(SocketAddr::new(ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
     Ok(listener.local_addr()?.port())
 }
