@@ -92,7 +92,7 @@ pub fn reload_policy(config_path: Option<&Path>, cell: &PolicyCell) -> Result<us
 pub fn load_holds(path: &Path) -> Vec<String> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str::<Vec<String>>(&text).unwrap_or_else(|error| {
-            tracing::error!(path = %path.display(), %error, "control: holds file is invalid; starting with no holds");
+            tracing::error!(path = %path.display(), %error, "control: holds file is invalid; starting with no destination on hold (fix or delete the file)");
             Vec::new()
         }),
         Err(_) => Vec::new(),

@@ -75,7 +75,7 @@ fn today() -> String {
 #[test]
 fn other_uid_submission_is_audited_and_verifies() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(61), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(61), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[lanes.transactional]\nsocket_mode = \"0666\"\n\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n",
@@ -276,7 +276,7 @@ fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
 fn metrics_match_the_delivery_log() {
     // One deferral: the first RCPT gets 450, the retry after 1 s succeeds.
     let receiver = ScriptedReceiver::start(
-        listen_addr(62),
+        common::any_port(62),
         Script {
             rcpt: Plan::first(1, Response::reply(450, "4.2.0 try again later")),
             ..Script::default()

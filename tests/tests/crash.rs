@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use caduceus_tests::{Engine, Lane, Received, Script, ScriptedReceiver};
-use common::{engine_config, inject, listen_addr, state_dir};
+use common::{engine_config, inject, state_dir};
 
 /// Connections per destination, which bounds the deliveries in flight at
 /// any moment and so the duplicates a crash may cause.
@@ -115,7 +115,7 @@ fn wait_for_all(
 #[test]
 fn sigkill_halfway_loses_no_acknowledged_message() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(60), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(60), Script::default()).expect("receiver start");
     let state = state_dir();
     let mut engine = Engine::start(&crash_config(&receiver), &state.path().join("engine"))
         .expect("engine start");
@@ -149,7 +149,7 @@ fn sigkill_halfway_loses_no_acknowledged_message() {
 #[test]
 fn sigterm_under_load_drains_without_loss() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(62), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(62), Script::default()).expect("receiver start");
     let state = state_dir();
     let mut engine = Engine::start(&crash_config(&receiver), &state.path().join("engine"))
         .expect("engine start");
@@ -177,7 +177,7 @@ fn sigterm_under_load_drains_without_loss() {
 #[test]
 fn fewer_cores_after_restart_adopt_pending_mail() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(64), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(64), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"crash.test\"\nroute = \"{}\"\nhold = true\n",
@@ -262,7 +262,7 @@ fn fewer_cores_after_restart_adopt_pending_mail() {
 #[test]
 fn twenty_random_kills_under_load() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(66), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(66), Script::default()).expect("receiver start");
     let state = state_dir();
     let mut engine = Engine::start(&crash_config(&receiver), &state.path().join("engine"))
         .expect("engine start");

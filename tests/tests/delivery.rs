@@ -168,7 +168,7 @@ fn mx_failover_to_second_preference() {
 #[test]
 fn temporary_failure_is_retried_and_delivered_once() {
     let receiver = ScriptedReceiver::start(
-        listen_addr(45),
+        common::any_port(45),
         Script {
             rcpt: Plan::first(
                 1,
@@ -332,7 +332,7 @@ fn null_mx_bounces_without_connecting() {
 #[test]
 fn held_destination_waits_for_release() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(52), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(52), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"held.test\"\nroute = \"{}\"\n",
@@ -369,7 +369,7 @@ fn held_destination_waits_for_release() {
 #[test]
 fn engine_runs_as_unprivileged_user() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(54), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(54), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n",
@@ -413,7 +413,7 @@ fn engine_runs_as_unprivileged_user() {
 #[test]
 fn own_lifetime_expires_the_message_early() {
     let deferring = ScriptedReceiver::start(
-        listen_addr(56),
+        common::any_port(56),
         Script {
             rcpt: Plan::always(Response::reply(451, "4.3.0 try again later")),
             ..Script::default()
@@ -421,7 +421,7 @@ fn own_lifetime_expires_the_message_early() {
     )
     .expect("deferring receiver start");
     let sender_mx =
-        ScriptedReceiver::start(listen_addr(57), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(57), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[lanes.transactional]\nretry_schedule = [\"1s\"]\n\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n\n[[rule]]\ndomain = \"clinic.test\"\nroute = \"{}\"\n",

@@ -41,7 +41,7 @@ fn inject_parallel(
 #[test]
 fn rate_limit_holds_in_every_one_second_window() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(70), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(70), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"paced.test\"\nroute = \"{}\"\nrate = 200.0\nburst = 20\n",
@@ -96,7 +96,7 @@ fn push_back_enters_and_leaves_backoff() {
         });
     }
     let receiver = ScriptedReceiver::start(
-        listen_addr(72),
+        common::any_port(72),
         Script {
             message: Plan {
                 first,
@@ -151,7 +151,7 @@ fn push_back_enters_and_leaves_backoff() {
 #[test]
 fn transactional_mail_passes_a_deferring_bulk_queue() {
     let deferring = ScriptedReceiver::start(
-        listen_addr(74),
+        common::any_port(74),
         Script {
             rcpt: Plan::always(Response::reply(451, "4.3.0 queue full, try again later")),
             ..Script::default()
@@ -159,7 +159,7 @@ fn transactional_mail_passes_a_deferring_bulk_queue() {
     )
     .expect("deferring receiver start");
     let prompt =
-        ScriptedReceiver::start(listen_addr(75), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(75), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"stuck.test\"\nroute = \"{}\"\n\n[[rule]]\ndomain = \"clinic-patients.test\"\nroute = \"{}\"\n",
@@ -212,7 +212,7 @@ fn transactional_mail_passes_a_deferring_bulk_queue() {
 #[test]
 fn each_lane_sends_from_its_source_address() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(76), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(76), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[lanes.transactional]\nsource_addresses = [\"{}\"]\nhelo_name = \"tx.caduceus.test\"\n\n[lanes.bulk]\nsource_addresses = [\"{}\"]\nhelo_name = \"bulk.caduceus.test\"\n\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n",

@@ -32,7 +32,7 @@ fn rcpt_code(client: &mut SmtpClient, address: &str) -> u16 {
 #[test]
 fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(80), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(80), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"patients.test\"\nroute = \"{}\"\n",
@@ -148,7 +148,7 @@ fn no_such_user_bounce_suppresses_the_address() {
 #[test]
 fn reload_under_load_loses_nothing_and_rejects_a_broken_policy() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(84), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(84), Script::default()).expect("receiver start");
     let state = state_dir();
     let config = format!(
         "{}\n[[rule]]\ndomain = \"reload.test\"\nroute = \"{}\"\n",

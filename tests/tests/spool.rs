@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use caduceus_tests::{Engine, Lane, Plan, Recording, Response, Script, ScriptedReceiver};
-use common::{CARE_SENDER, engine_config, listen_addr, read_code, sequence_of, state_dir};
+use common::{CARE_SENDER, engine_config, read_code, sequence_of, state_dir};
 
 /// Starts a receiver that replies `451 4.3.0` to every RCPT, so its mail
 /// stays queued.
@@ -23,7 +23,7 @@ fn deferring_receiver(last_octet: u8) -> ScriptedReceiver {
         rcpt: Plan::always(Response::reply(451, "4.3.0 Mailbox busy, try again later")),
         ..Script::default()
     };
-    ScriptedReceiver::start(listen_addr(last_octet), script).expect("deferring receiver start")
+    ScriptedReceiver::start(common::any_port(last_octet), script).expect("deferring receiver start")
 }
 
 /// `engine_config` with another segment size and any extra TOML appended.
@@ -211,7 +211,7 @@ fn is_slow(sequence: u32) -> bool {
 #[test]
 fn compaction_reclaims_space_of_deferred_mail() {
     let fast = ScriptedReceiver::start(
-        listen_addr(70),
+        common::any_port(70),
         Script {
             recording: Recording::Summary,
             ..Script::default()
@@ -334,7 +334,7 @@ fn compaction_reclaims_space_of_deferred_mail() {
     // routes them to an accepting receiver, each arrives exactly once.
     stop_engine(&mut engine);
     let rescue =
-        ScriptedReceiver::start(listen_addr(72), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(72), Script::default()).expect("receiver start");
     let extra = format!(
         "[lanes.bulk]\nretry_schedule = [\"20s\"]\n\n{}\n{}",
         route("fast.test", &fast),
@@ -395,7 +395,7 @@ fn mail_reply(socket: &Path) -> String {
 #[test]
 fn disk_reserve_refuses_mail_but_delivers_queued() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(74), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(74), Script::default()).expect("receiver start");
     let state = state_dir();
     let held = format!("{}hold = true\n", route("reserve.test", &receiver));
     let mut engine = Engine::start(
@@ -461,7 +461,7 @@ const MAX_CONNECTIONS: usize = 4;
 #[test]
 fn sigkill_during_compaction_loses_nothing() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(76), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(76), Script::default()).expect("receiver start");
     let slow = deferring_receiver(77);
     let state = state_dir();
     let policy = |slow_receiver: &ScriptedReceiver| {

@@ -231,7 +231,7 @@ fn sequence_of_recipient(recipient: &str) -> Option<u32> {
 #[test]
 fn down_endpoint_gets_every_event_once() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(90), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(90), Script::default()).expect("receiver start");
     let endpoint_addr = listen_addr(91);
     let requests = Arc::new(Mutex::new(Vec::new()));
     let endpoint = Endpoint::start(endpoint_addr, 503, requests.clone());
@@ -363,7 +363,7 @@ fn down_endpoint_gets_every_event_once() {
 #[test]
 fn signature_matches_body() {
     let receiver =
-        ScriptedReceiver::start(listen_addr(92), Script::default()).expect("receiver start");
+        ScriptedReceiver::start(common::any_port(92), Script::default()).expect("receiver start");
     let endpoint_addr = listen_addr(93);
     let endpoint = Endpoint::start(endpoint_addr, 200, Arc::new(Mutex::new(Vec::new())));
     let state = state_dir();

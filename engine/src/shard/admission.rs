@@ -172,7 +172,7 @@ impl Admission for ShardAdmission {
 }
 
 impl ShardAdmission {
-    /// The category that policy sets for mail from the sender's domain.
+    /// Returns the category that policy sets for mail from the sender's domain.
     fn sender_category(&self, sender: &str) -> Option<Category> {
         let (_, domain) = sender.rsplit_once('@')?;
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();

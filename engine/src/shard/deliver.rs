@@ -85,12 +85,12 @@ pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
     }
 }
 
-/// One connection's worth of deliveries to one destination.
+/// Delivers the ready mail of one destination over one connection.
 async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
     let policy = shard.current_policy();
     let mut connection: Option<Connection> = take_idle(&shard, &domain);
     // A connection from the idle pool may have been closed by the server
-    // meanwhile; RSET before its first use here tells (RFC 5321 §3.8).
+    // meanwhile, so RSET checks it before its first use here (RFC 5321 §3.8).
     let mut from_pool = connection.is_some();
     loop {
         let item = {
@@ -109,7 +109,9 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         let Some((envelope, attempts)) = snapshot(&shard, &item) else {
             continue;
         };
-        let rule = policy.for_domain(&domain, envelope.lane).clone();
+        // A reference into the worker's policy snapshot: no copy of the
+        // rule (and its retry schedule) per message.
+        let rule = policy.for_domain(&domain, envelope.lane);
         if rule.hold {
             // Held by policy: the item waits at the front of the queue until
             // a reload lifts the hold (the scheduler dispatches again).
@@ -270,7 +272,7 @@ fn unschedule(shard: &Shard, item: &WorkItem) {
     }
 }
 
-/// What happened to one recipient in one attempt.
+/// The result for one recipient of one attempt.
 enum Attempt {
     Delivered(Reply),
     Transient(Reply),
@@ -416,7 +418,7 @@ fn remote_info(connection: &Connection) -> RemoteInfo {
     }
 }
 
-/// Why no connection could be opened.
+/// The reason no connection could be opened.
 struct ConnectFailure {
     reply: Reply,
     permanent: bool,
@@ -433,8 +435,8 @@ impl ConnectFailure {
     }
 }
 
-/// The hosts to try for a destination, in order: the policy route, or the
-/// MX targets (RFC 5321 §5.1).
+/// Returns the hosts to try for a destination, in order: the policy route,
+/// or the MX targets (RFC 5321 §5.1).
 async fn targets(
     shard: &Shard,
     domain: &str,

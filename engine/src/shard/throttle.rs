@@ -21,7 +21,7 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket.
+    /// Creates a full bucket.
     pub fn new(rate_per_sec: f64, burst: u32, now: Instant) -> Self {
         let capacity = f64::from(burst.max(1));
         TokenBucket {
@@ -76,7 +76,7 @@ const SUCCESSES_PER_STEP: u32 = 20;
 /// replies from a pipelined batch does not cut the rate several times.
 const CUT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How hard a destination is throttled below its configured limits.
+/// The throttling of a destination below its configured limits.
 #[derive(Clone, Debug)]
 pub struct Backoff {
     factor: f64,

@@ -20,6 +20,13 @@ pub fn loopback(last_octet: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet))
 }
 
+/// An address on 127.0.0.`last_octet` with port 0, for peers that bind it
+/// themselves: the kernel picks the port atomically at bind, so no other
+/// test can take it in between (read it back from the peer).
+pub fn any_port(last_octet: u8) -> SocketAddr {
+    SocketAddr::new(loopback(last_octet), 0)
+}
+
 pub fn listen_addr(last_octet: u8) -> SocketAddr {
     let ip = loopback(last_octet);
     SocketAddr::new(ip, free_port(ip).expect("no free port on loopback"))
