@@ -126,10 +126,10 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             .expires_at_us
             .min(envelope.received_at_us.saturating_add(lifetime_us));
         if now >= expires_at {
-            expire(&shard, &item, &envelope, &attempts, &rule);
+            expire(&shard, &item, &envelope, &attempts, rule);
             continue;
         }
-        pace(&shard, &domain, &rule).await;
+        pace(&shard, &domain, rule).await;
         let stored = match shard.spool.read_message(item.record) {
             Ok(stored) => stored,
             Err(error) => {
@@ -141,7 +141,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         let results = deliver_item(
             &shard,
             &domain,
-            &rule,
+            rule,
             &envelope,
             &stored.body,
             &item,
@@ -150,14 +150,14 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         )
         .await;
         from_pool = false;
-        adjust_backoff(&shard, &domain, &rule, &results);
+        adjust_backoff(&shard, &domain, rule, &results);
         record_results(
             &shard,
             &item,
             &envelope,
             &attempts,
             &stored.body,
-            &rule,
+            rule,
             results,
         );
         if let Some(open) = &connection
