@@ -110,10 +110,18 @@ pub fn allocate(config: &Config, cpus: &[usize]) -> Result<Vec<ExecutorSpec>, St
             ));
         }
     }
-    if let Some(cpu) = transactional.iter().find(|cpu| bulk.contains(cpu)) {
+    if let Some(cpu) = transactional.iter().find(|cpu| bulk.contains(cpu))
+        && !config.lanes.allow_shared_cpus
+    {
         return Err(format!(
             "CPU {cpu} is in both lanes.transactional.cores and lanes.bulk.cores; each CPU serves one lane so that bulk mail never delays transactional mail"
         ));
+    }
+    if let Some(cpu) = transactional.iter().find(|cpu| bulk.contains(cpu)) {
+        tracing::warn!(
+            cpu,
+            "engine: lanes.allow_shared_cpus lets CPU {cpu} serve both lanes; transactional mail is not isolated from bulk mail"
+        );
     }
     let mut specs = Vec::new();
     for (lane, lane_cpus) in [(Lane::Transactional, &transactional), (Lane::Bulk, &bulk)] {
@@ -176,6 +184,27 @@ mod tests {
         config.lanes.bulk.cores = vec![0, 1];
         let error = allocate(&config, &[0, 1]).unwrap_err();
         assert!(error.contains("CPU 0 is in both"), "{error}");
+    }
+
+    #[test]
+    fn allocate_shares_cpus_when_allowed() {
+        let mut config = Config::default();
+        config.lanes.transactional.cores = vec![0];
+        config.lanes.bulk.cores = vec![0, 1];
+        config.lanes.allow_shared_cpus = true;
+        let specs = allocate(&config, &[0, 1]).unwrap();
+        let cpus: Vec<(usize, Vec<Lane>)> = specs
+            .iter()
+            .map(|spec| (spec.cpu, spec.lanes.clone()))
+            .collect();
+        assert_eq!(
+            cpus,
+            vec![
+                (0, vec![Lane::Transactional]),
+                (0, vec![Lane::Bulk]),
+                (1, vec![Lane::Bulk]),
+            ]
+        );
     }
 
     #[test]

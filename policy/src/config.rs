@@ -156,6 +156,11 @@ impl Default for IngressConfig {
 pub struct LanesConfig {
     pub transactional: LaneConfig,
     pub bulk: LaneConfig,
+    /// Lets a CPU serve both lanes. This gives up the transactional lane's
+    /// isolation, so it exists for benchmarks that need more executors in
+    /// a lane than the machine has spare CPUs (for example two bulk
+    /// executors on a two-CPU machine).
+    pub allow_shared_cpus: bool,
 }
 
 impl<'de> Deserialize<'de> for LanesConfig {
@@ -165,6 +170,7 @@ impl<'de> Deserialize<'de> for LanesConfig {
         struct LanesOverrides {
             transactional: LaneOverrides,
             bulk: LaneOverrides,
+            allow_shared_cpus: bool,
         }
         let overrides = LanesOverrides::deserialize(deserializer)?;
         Ok(LanesConfig {
@@ -172,6 +178,7 @@ impl<'de> Deserialize<'de> for LanesConfig {
                 .transactional
                 .apply(LaneConfig::default_for(Lane::Transactional)),
             bulk: overrides.bulk.apply(LaneConfig::default_for(Lane::Bulk)),
+            allow_shared_cpus: overrides.allow_shared_cpus,
         })
     }
 }
@@ -221,6 +228,7 @@ impl Default for LanesConfig {
         LanesConfig {
             transactional: LaneConfig::default_for(Lane::Transactional),
             bulk: LaneConfig::default_for(Lane::Bulk),
+            allow_shared_cpus: false,
         }
     }
 }

@@ -284,6 +284,7 @@ fn check_cores(config: &Config, online_cpus: Option<&[usize]>, issues: &mut Vec<
                         lane.as_str()
                     ),
                 ),
+                Some(_) if config.lanes.allow_shared_cpus => {}
                 Some(previous) => issue(
                     issues,
                     path.index(index),
