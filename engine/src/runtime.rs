@@ -129,6 +129,8 @@ pub fn start_with_config_file(
     let (ready_sender, ready_receiver) = crossbeam_channel::bounded(allocation.len());
     let mut control_senders = Vec::new();
     let mut executors = Vec::new();
+    let lane_cores = shard::mesh::LaneCores::from_allocation(&allocation);
+    let mut mesh_ends = shard::mesh::build(&allocation, shard::mesh::CHANNEL_CAPACITY).into_iter();
     for spec in &allocation {
         let mut listeners = Vec::new();
         for (lane, listener) in &lane_listeners {
@@ -155,6 +157,8 @@ pub fn start_with_config_file(
             control: control_receiver,
             shutdown: shutdown.clone(),
             holds: holds.clone(),
+            mesh: mesh_ends.next().unwrap_or_default(),
+            lane_cores: lane_cores.clone(),
         };
         let ready = ready_sender.clone();
         let audit = audit.clone();

@@ -50,11 +50,20 @@ impl Admission for ShardAdmission {
 
     fn admit_rcpt(
         &self,
-        _lane: Lane,
+        lane: Lane,
         category: Category,
         sender: &str,
         recipient: &SubmittedRecipient,
     ) -> Result<(), Reply> {
+        // The destination's home executor is behind on hand-offs from this
+        // one: refuse before anything is durable rather than buffer more.
+        if self.shard.mesh.saturated(lane, &recipient.domain) {
+            return Err(Reply::new(
+                451,
+                EnhancedStatus::new(4, 3, 1),
+                "Delivery queue for this destination is full, try again later",
+            ));
+        }
         let category = self.sender_category(sender).unwrap_or(category);
         self.check_lists(category, &recipient.address)
     }

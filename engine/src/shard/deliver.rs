@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 
 use caduceus_policy::lists::{self, Change, ChangeOp, Reason};
 use caduceus_policy::{EffectiveRule, Lane, Route};
-use caduceus_spool::{Envelope, MessageId, Outcome, Recipient, RecipientState, RecordRef, notify};
+use caduceus_spool::{
+    CommitSeq, Envelope, MessageId, Outcome, ReadError, Recipient, RecipientState, RecordRef,
+    StoredMessage, notify,
+};
 use rand::Rng;
 
 use super::Shard;
-use super::queue::{IdleConnection, QueuedMessage, WorkItem};
+use super::mesh::{MeshMessage, PeerReceiver};
+use super::queue::{Deferral, IdleConnection, QueuedMessage, WorkItem};
 use super::throttle::{self, TokenBucket};
 use crate::deliverylog::{Entry, Event, now_us};
 use crate::dns::DnsError;
@@ -38,6 +42,9 @@ pub fn dispatch_all(shard: &Rc<Shard>) {
 pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
     if shard.draining.get() {
         return;
+    }
+    if !shard.mesh.home_everywhere(domain) {
+        hand_off(shard, domain);
     }
     let policy = shard.current_policy();
     loop {
@@ -130,11 +137,15 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             continue;
         }
         pace(&shard, &domain, rule).await;
-        let stored = match shard.spool.read_message(item.record) {
+        let stored = match read_stored(&shard, &item) {
             Ok(stored) => stored,
             Err(error) => {
-                tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "delivery: spool record unreadable; recipients stay pending");
-                unschedule(&shard, &item);
+                tracing::error!(core = shard.index, owner = item.owner, message_id = %envelope.message_id, %error, "delivery: spool record unreadable; recipients stay pending");
+                if item.owner == shard.index {
+                    unschedule(&shard, &item);
+                } else {
+                    return_to_owner(&shard, &item, &attempts, UNREADABLE_RETRY);
+                }
                 continue;
             }
         };
@@ -254,7 +265,7 @@ fn take_idle(shard: &Shard, domain: &str) -> Option<Connection> {
 /// the message is gone (deleted by the operator meanwhile).
 fn snapshot(shard: &Shard, item: &WorkItem) -> Option<(Rc<Envelope>, Vec<u32>)> {
     let queue = shard.queue.borrow();
-    let message = queue.messages.get(&item.record)?;
+    let message = queue.entry(item)?;
     let attempts = item
         .recipients
         .iter()
@@ -265,10 +276,218 @@ fn snapshot(shard: &Shard, item: &WorkItem) -> Option<(Rc<Envelope>, Vec<u32>)> 
 
 fn unschedule(shard: &Shard, item: &WorkItem) {
     let mut queue = shard.queue.borrow_mut();
-    if let Some(message) = queue.messages.get_mut(&item.record) {
+    if let Some(message) = queue.entry_mut(item) {
         for index in &item.recipients {
             message.scheduled[*index as usize] = false;
         }
+    }
+    if item.owner != queue.own {
+        queue.forget_handed_if_done(item.owner, item.record);
+    }
+}
+
+/// Reads a work item's record from this executor's shard, or through the
+/// read-only mapping of its owner's segment.
+fn read_stored(shard: &Shard, item: &WorkItem) -> Result<StoredMessage, ReadError> {
+    if item.owner == shard.index {
+        shard.spool.read_message(item.record)
+    } else {
+        shard.reader.read_message(item.owner, item.record)
+    }
+}
+
+/// How long a handed-over recipient whose record this executor could not
+/// read waits at its owner before it is handed over again.
+const UNREADABLE_RETRY: Duration = Duration::from_secs(60);
+
+/// Gives handed-over recipients back to their owner without an attempt:
+/// the owner records them as deferred for `delay` and hands them over again
+/// then.
+fn return_to_owner(shard: &Rc<Shard>, item: &WorkItem, attempts: &[u32], delay: Duration) {
+    let next_attempt_us = now_us().saturating_add(delay.as_micros() as u64);
+    for (index, attempts) in item.recipients.iter().zip(attempts) {
+        let state = RecipientState::Pending {
+            attempts: *attempts,
+            next_attempt_us,
+        };
+        shard.mesh.send(
+            item.owner,
+            MeshMessage::Outcome {
+                record: item.record,
+                index: *index,
+                state,
+                outcome: Outcome::Deferred { next_attempt_us },
+                attempts: *attempts,
+            },
+        );
+    }
+    unschedule(shard, item);
+}
+
+/// Hands the ready mail of a destination whose home is another executor to
+/// that executor. Items this executor delivers itself stay queued.
+fn hand_off(shard: &Rc<Shard>, domain: &str) {
+    let mut queue = shard.queue.borrow_mut();
+    let own = queue.own;
+    let items: Vec<WorkItem> = match queue.destinations.get_mut(domain) {
+        Some(destination) if !destination.ready.is_empty() => destination.ready.drain(..).collect(),
+        _ => return,
+    };
+    let mut kept = std::collections::VecDeque::new();
+    for item in items {
+        let Some(message) = queue
+            .messages
+            .get(&item.record)
+            .filter(|_| item.owner == own)
+        else {
+            kept.push_back(item);
+            continue;
+        };
+        let home = shard.mesh.home(message.envelope.lane, domain);
+        if home == own {
+            kept.push_back(item);
+            continue;
+        }
+        let handoff = MeshMessage::Handoff {
+            record: item.record,
+            envelope: Box::new((*message.envelope).clone()),
+            states: message.states.clone(),
+            recipients: item.recipients.clone(),
+        };
+        // The recipients stay `scheduled` here until their outcomes come
+        // back, so no timer or compaction touches them meanwhile.
+        if !shard.mesh.send(home, handoff) {
+            kept.push_back(item);
+        }
+    }
+    if let Some(destination) = queue.destinations.get_mut(domain) {
+        kept.extend(destination.ready.drain(..));
+        destination.ready = kept;
+    }
+}
+
+/// Serves what one peer executor sends: hand-offs to deliver here, and
+/// outcomes of this executor's messages that the peer delivered.
+pub async fn serve_peer(shard: Rc<Shard>, peer: u16, receiver: PeerReceiver) {
+    while let Some(message) = receiver.recv().await {
+        match message {
+            MeshMessage::Handoff {
+                record,
+                envelope,
+                states,
+                recipients,
+            } => accept_handoff(&shard, peer, record, *envelope, states, recipients),
+            MeshMessage::Outcome {
+                record,
+                index,
+                state,
+                outcome,
+                attempts,
+            } => accept_outcome(&shard, peer, record, index, state, outcome, attempts),
+        }
+    }
+}
+
+fn accept_handoff(
+    shard: &Rc<Shard>,
+    owner: u16,
+    record: RecordRef,
+    envelope: Envelope,
+    states: Vec<RecipientState>,
+    recipients: Vec<u32>,
+) {
+    let count = envelope.recipients.len();
+    if states.len() != count
+        || recipients.is_empty()
+        || recipients.iter().any(|index| *index as usize >= count)
+    {
+        tracing::error!(core = shard.index, owner, %record, "mesh: malformed hand-off dropped; the owner retries it after a restart");
+        return;
+    }
+    let domain_name = envelope.recipients[recipients[0] as usize].domain.clone();
+    let domain = {
+        let mut queue = shard.queue.borrow_mut();
+        let domain = queue.intern(&domain_name);
+        match queue.handed.entry((owner, record)) {
+            std::collections::hash_map::Entry::Occupied(mut entry) => {
+                let message = entry.get_mut();
+                for index in &recipients {
+                    message.states[*index as usize] = states[*index as usize];
+                    message.scheduled[*index as usize] = true;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let mut message = QueuedMessage::new(Rc::new(envelope), states);
+                for index in &recipients {
+                    message.scheduled[*index as usize] = true;
+                }
+                entry.insert(message);
+            }
+        }
+        queue
+            .destinations
+            .entry(domain.clone())
+            .or_default()
+            .ready
+            .push_back(WorkItem {
+                owner,
+                record,
+                recipients,
+            });
+        domain
+    };
+    dispatch(shard, &domain);
+}
+
+/// Records the outcome a peer reports for a recipient of this executor's
+/// message, as if this executor had made the attempt.
+#[allow(clippy::too_many_arguments)]
+fn accept_outcome(
+    shard: &Rc<Shard>,
+    peer: u16,
+    record: RecordRef,
+    index: u32,
+    state: RecipientState,
+    outcome: Outcome,
+    attempts: u32,
+) {
+    let domain = {
+        let queue = shard.queue.borrow();
+        let Some(message) = queue.messages.get(&record) else {
+            tracing::warn!(core = shard.index, peer, %record, "mesh: outcome for a message no longer queued here; ignored");
+            return;
+        };
+        let Some(recipient) = message.envelope.recipients.get(index as usize) else {
+            tracing::error!(core = shard.index, peer, %record, index, "mesh: outcome for a recipient the message does not have; ignored");
+            return;
+        };
+        if message.states[index as usize].is_final() {
+            return;
+        }
+        recipient.domain.clone()
+    };
+    if let Err(error) = shard.spool.append_outcome(record, index, outcome, attempts) {
+        tracing::error!(core = shard.index, %record, recipient = index, %error, "delivery: outcome record failed to append");
+    }
+    let mut queue = shard.queue.borrow_mut();
+    let domain = queue.intern(&domain);
+    let Some(message) = queue.messages.get_mut(&record) else {
+        return;
+    };
+    message.states[index as usize] = state;
+    message.scheduled[index as usize] = false;
+    if message.is_final() {
+        queue.messages.remove(&record);
+        drop(queue);
+        shard.spool.release(record);
+        return;
+    }
+    if let Outcome::Deferred { next_attempt_us } = outcome {
+        queue.deferrals.push(std::cmp::Reverse(Deferral {
+            due_us: next_attempt_us,
+            record,
+            domain,
+        }));
     }
 }
 
@@ -653,7 +872,7 @@ fn record_results(
         if matches!(event, Event::Bounced | Event::Expired) {
             continue;
         }
-        apply_outcome(shard, item.record, *index, state, outcome, attempt_number);
+        apply_outcome(shard, item, *index, state, outcome, attempt_number, None);
         log_attempt(
             shard,
             &id,
@@ -668,7 +887,7 @@ fn record_results(
     }
 
     if !failed.is_empty() {
-        send_dsn(shard, envelope, body, &failed, DsnAction::Failed, remote);
+        let dsn = send_dsn(shard, envelope, body, &failed, DsnAction::Failed, remote);
         for (index, reply, attempt_number, expired) in &failed {
             let recipient = &envelope.recipients[*index as usize];
             let (event, state, outcome) = if *expired {
@@ -676,7 +895,7 @@ fn record_results(
             } else {
                 (Event::Bounced, RecipientState::Bounced, Outcome::Bounced)
             };
-            apply_outcome(shard, item.record, *index, state, outcome, *attempt_number);
+            apply_outcome(shard, item, *index, state, outcome, *attempt_number, dsn);
             log_attempt(
                 shard,
                 &id,
@@ -699,13 +918,34 @@ fn record_results(
         .recipients
         .first()
         .map(|index| queue.intern(&envelope.recipients[*index as usize].domain));
-    let Some(message) = queue.messages.get_mut(&item.record) else {
+    let own = queue.own;
+    let Some(message) = queue.entry_mut(item) else {
         return;
     };
     for index in &item.recipients {
         if !retry_now.contains(index) {
             message.scheduled[*index as usize] = false;
         }
+    }
+    if item.owner != own {
+        // A handed-over message: its owner keeps the retry timers and
+        // releases the record; a stale connection's retry stays here.
+        if let Some(domain) = domain
+            && !retry_now.is_empty()
+        {
+            queue
+                .destinations
+                .entry(domain)
+                .or_default()
+                .ready
+                .push_back(WorkItem {
+                    owner: item.owner,
+                    record: item.record,
+                    recipients: retry_now,
+                });
+        }
+        queue.forget_handed_if_done(item.owner, item.record);
+        return;
     }
     let final_now = message.is_final();
     if final_now {
@@ -718,18 +958,17 @@ fn record_results(
         if !retry_now.is_empty() {
             let destination = queue.destinations.entry(domain.clone()).or_default();
             destination.ready.push_back(WorkItem {
+                owner: item.owner,
                 record: item.record,
                 recipients: retry_now,
             });
         }
         if let Some(due_us) = deferred_until {
-            queue
-                .deferrals
-                .push(std::cmp::Reverse(super::queue::Deferral {
-                    due_us,
-                    record: item.record,
-                    domain,
-                }));
+            queue.deferrals.push(std::cmp::Reverse(Deferral {
+                due_us,
+                record: item.record,
+                domain,
+            }));
         }
     }
 }
@@ -772,21 +1011,39 @@ fn suppress_hard_bounce(shard: &Shard, address: &str) {
     }
 }
 
+/// Records one recipient's outcome: appended to this executor's shard for
+/// its own messages, or sent to the owner for a handed-over one (once
+/// `dsn`, the commit of the DSN that reports it, is durable).
 fn apply_outcome(
-    shard: &Shard,
-    record: RecordRef,
+    shard: &Rc<Shard>,
+    item: &WorkItem,
     index: u32,
     state: RecipientState,
     outcome: Outcome,
     attempts: u32,
+    dsn: Option<CommitSeq>,
 ) {
-    if let Err(error) = shard.spool.append_outcome(record, index, outcome, attempts) {
-        // The outcome stays in memory; after a restart the recipient is
-        // pending again and may be delivered twice, never lost.
-        tracing::error!(core = shard.index, ?record, recipient = index, %error, "delivery: outcome record failed to append");
+    let record = item.record;
+    if item.owner == shard.index {
+        if let Err(error) = shard.spool.append_outcome(record, index, outcome, attempts) {
+            // The outcome stays in memory; after a restart the recipient is
+            // pending again and may be delivered twice, never lost.
+            tracing::error!(core = shard.index, ?record, recipient = index, %error, "delivery: outcome record failed to append");
+        }
+    } else {
+        let message = MeshMessage::Outcome {
+            record,
+            index,
+            state,
+            outcome,
+            attempts,
+        };
+        shard
+            .mesh
+            .send_outcome_after(&shard.spool, item.owner, message, dsn);
     }
     let mut queue = shard.queue.borrow_mut();
-    if let Some(message) = queue.messages.get_mut(&record) {
+    if let Some(message) = queue.entry_mut(item) {
         message.states[index as usize] = state;
     }
 }
@@ -867,9 +1124,7 @@ fn expire(
     // `record_results` turns each into an expired recipient with a DSN.
     let mut expired_rule = rule.clone();
     expired_rule.max_queue_lifetime = Duration::ZERO;
-    let body = shard
-        .spool
-        .read_message(item.record)
+    let body = read_stored(shard, item)
         .map(|stored| stored.body)
         .unwrap_or_default();
     record_results(
@@ -893,9 +1148,9 @@ fn send_dsn(
     recipients: &[(u32, Reply, u32, bool)],
     action: DsnAction,
     remote: &RemoteInfo,
-) {
+) -> Option<CommitSeq> {
     if envelope.sender.is_empty() {
-        return;
+        return None;
     }
     let wanted: Vec<&(u32, Reply, u32, bool)> = recipients
         .iter()
@@ -908,7 +1163,7 @@ fn send_dsn(
         })
         .collect();
     if wanted.is_empty() {
-        return;
+        return None;
     }
     let now = now_us();
     let diagnostics: Vec<String> = wanted
@@ -987,7 +1242,7 @@ fn send_dsn(
         }],
     };
     match shard.spool.append_message(&notification, &dsn) {
-        Ok((record, _seq)) => {
+        Ok((record, seq)) => {
             let id = notification.message_id.to_string();
             let mut entry = Entry::new(
                 Event::Received,
@@ -1017,9 +1272,11 @@ fn send_dsn(
             for domain in ready {
                 dispatch(shard, &domain);
             }
+            Some(seq)
         }
         Err(error) => {
             tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "delivery: DSN could not be queued; the sender gets no notification");
+            None
         }
     }
 }
@@ -1123,7 +1380,11 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
         .get_mut(domain)
         .map(|destination| destination.ready.drain(..).collect())
         .unwrap_or_default();
+    let mut count = 0;
     for item in &ready {
+        if item.owner != shard.index {
+            count += delete_handed(shard, item);
+        }
         unschedule(shard, item);
     }
     let mut targets: Vec<(RecordRef, Vec<u32>, Rc<Envelope>)> = Vec::new();
@@ -1147,7 +1408,6 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
             }
         }
     }
-    let mut count = 0;
     for (record, indexes, envelope) in targets {
         let id = envelope.message_id.to_string();
         for index in indexes {
@@ -1157,30 +1417,21 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
                 .messages
                 .get(&record)
                 .map_or(0, |message| message.attempts(index as usize));
+            let item = WorkItem {
+                owner: shard.index,
+                record,
+                recipients: vec![index],
+            };
             apply_outcome(
                 shard,
-                record,
+                &item,
                 index,
                 RecipientState::Bounced,
                 Outcome::Bounced,
                 attempts,
+                None,
             );
-            let mut entry = Entry::new(
-                Event::Deleted,
-                &id,
-                envelope.lane,
-                envelope.category,
-                envelope.received_at_us,
-            );
-            entry.recipient = Some(
-                shard
-                    .log
-                    .recipient_field(&envelope.recipients[index as usize].address),
-            );
-            entry.note = Some("deleted by operator");
-            shard.log.write(&entry);
-            crate::audit::record_outcome(&entry);
-            crate::metrics::record_event(&entry);
+            log_deleted(shard, &id, &envelope, index);
             count += 1;
         }
         let final_now = shard
@@ -1195,4 +1446,45 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
         }
     }
     count
+}
+
+/// Deletes the recipients of a handed-over item that waits in a ready
+/// queue here: the outcome goes to the owner, which appends it.
+fn delete_handed(shard: &Rc<Shard>, item: &WorkItem) -> usize {
+    let Some((envelope, attempts)) = snapshot(shard, item) else {
+        return 0;
+    };
+    let id = envelope.message_id.to_string();
+    for (index, attempts) in item.recipients.iter().zip(attempts) {
+        apply_outcome(
+            shard,
+            item,
+            *index,
+            RecipientState::Bounced,
+            Outcome::Bounced,
+            attempts,
+            None,
+        );
+        log_deleted(shard, &id, &envelope, *index);
+    }
+    item.recipients.len()
+}
+
+fn log_deleted(shard: &Shard, id: &str, envelope: &Envelope, index: u32) {
+    let mut entry = Entry::new(
+        Event::Deleted,
+        id,
+        envelope.lane,
+        envelope.category,
+        envelope.received_at_us,
+    );
+    entry.recipient = Some(
+        shard
+            .log
+            .recipient_field(&envelope.recipients[index as usize].address),
+    );
+    entry.note = Some("deleted by operator");
+    shard.log.write(&entry);
+    crate::audit::record_outcome(&entry);
+    crate::metrics::record_event(&entry);
 }

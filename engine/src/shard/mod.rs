@@ -8,6 +8,7 @@
 mod admission;
 mod compaction;
 mod deliver;
+pub mod mesh;
 pub mod queue;
 pub mod throttle;
 
@@ -23,7 +24,7 @@ use arc_swap::ArcSwap;
 use caduceus_policy::config::Config;
 use caduceus_policy::lists::Change;
 use caduceus_policy::{Lane, Lists, Policy, SiteKey};
-use caduceus_spool::{Keyring, RecordRef, Shard as SpoolShard, SpoolOptions};
+use caduceus_spool::{Keyring, RecordRef, Shard as SpoolShard, SpoolOptions, SpoolReader};
 use glommio::{Latency, Shares, TaskQueueHandle};
 
 use crate::control::{ControlCommand, ControlRequest};
@@ -54,6 +55,10 @@ pub struct ShardSetup {
     pub shutdown: Arc<AtomicBool>,
     /// Destinations held by the operator when the engine started.
     pub holds: Vec<String>,
+    /// This executor's ends of the channels to the executors it shares a
+    /// lane with, and which executors serve each lane.
+    pub mesh: mesh::MeshEnds,
+    pub lane_cores: mesh::LaneCores,
 }
 
 /// The shared state of one executor.
@@ -62,6 +67,9 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub policy: Arc<PolicyCell>,
     pub spool: Rc<SpoolShard>,
+    /// Reads records of other executors' shards handed to this one.
+    pub reader: SpoolReader,
+    pub mesh: Rc<mesh::Mesh>,
     pub resolver: Rc<Resolver>,
     pub tls: Rc<TlsContext>,
     pub log: Rc<DeliveryLog>,
@@ -106,6 +114,7 @@ struct Started {
     listeners: Vec<(Lane, UnixListener)>,
     control: crossbeam_channel::Receiver<ControlRequest>,
     shutdown: Arc<AtomicBool>,
+    peers: Vec<(u16, mesh::PeerReceiver)>,
 }
 
 async fn start(setup: ShardSetup) -> Result<Started, String> {
@@ -122,6 +131,8 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         control,
         shutdown,
         holds,
+        mesh: mesh_ends,
+        lane_cores,
     } = setup;
     let started = std::time::Instant::now();
     let options = SpoolOptions {
@@ -174,19 +185,33 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
     };
     let delivery_queue =
         glommio::executor().create_task_queue(Shares::default(), latency, "delivery");
+    let (mesh, peers) = mesh::Mesh::connect(
+        spec.index,
+        &spec.lanes,
+        lane_cores,
+        mesh_ends,
+        mesh::CHANNEL_CAPACITY,
+    )
+    .await;
+    let reader = SpoolReader::new(&config.spool_dir(), keyring.clone().map(Arc::new));
     let shard = Rc::new(Shard {
         index: spec.index,
         hostname: Rc::from(config.hostname.as_str()),
         config: config.clone(),
         policy,
         spool,
+        reader,
+        mesh: Rc::new(mesh),
         resolver: Rc::new(resolver),
         tls: Rc::new(tls),
         log: Rc::new(log),
         site_key,
         lists,
         auto_suppress,
-        queue: RefCell::new(Queue::default()),
+        queue: RefCell::new(Queue {
+            own: spec.index,
+            ..Queue::default()
+        }),
         inflight: Cell::new(0),
         draining: Cell::new(false),
         below_reserve: Cell::new(false),
@@ -221,6 +246,7 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         listeners,
         control,
         shutdown,
+        peers,
     })
 }
 
@@ -230,8 +256,15 @@ async fn serve(started: Started) -> Result<(), String> {
         listeners,
         control,
         shutdown,
+        peers,
     } = started;
     let config = shard.config.clone();
+    let peer_tasks: Vec<_> = peers
+        .into_iter()
+        .map(|(peer, receiver)| {
+            glommio::spawn_local(deliver::serve_peer(shard.clone(), peer, receiver)).detach()
+        })
+        .collect();
 
     let ingress_stop = Rc::new(crate::ingress::Shutdown::new());
     let mut servers = Vec::new();
@@ -296,6 +329,9 @@ async fn serve(started: Started) -> Result<(), String> {
     }
     scheduler.cancel();
     compactor.cancel();
+    for task in peer_tasks {
+        task.cancel();
+    }
     deliver::close_idle(&shard).await;
     shard.log.flush();
     shard

@@ -50,6 +50,10 @@ impl QueuedMessage {
 /// Recipients of one message bound for one destination.
 #[derive(Clone, Debug)]
 pub struct WorkItem {
+    /// The core whose spool shard holds the message. It differs from this
+    /// core when the owner handed the recipients over because this core is
+    /// the destination's home (see `mesh`).
+    pub owner: u16,
     pub record: RecordRef,
     pub recipients: Vec<u32>,
 }
@@ -85,7 +89,14 @@ pub struct Deferral {
 
 #[derive(Default)]
 pub struct Queue {
+    /// This core's index: the owner of every entry in `messages`.
+    pub own: u16,
+    /// Messages of this core's spool shard.
     pub messages: HashMap<RecordRef, QueuedMessage>,
+    /// Messages of other cores' shards whose recipients were handed to this
+    /// core for delivery, keyed by (owner, record). Only the handed
+    /// recipients are `scheduled`; an entry leaves once none is.
+    pub handed: HashMap<(u16, RecordRef), QueuedMessage>,
     pub destinations: HashMap<Rc<str>, Destination>,
     pub deferrals: BinaryHeap<Reverse<Deferral>>,
 }
@@ -136,7 +147,11 @@ impl Queue {
                 .entry(domain.clone())
                 .or_default()
                 .ready
-                .push_back(WorkItem { record, recipients });
+                .push_back(WorkItem {
+                    owner: self.own,
+                    record,
+                    recipients,
+                });
             ready_domains.push(domain);
         }
         ready_domains
@@ -171,6 +186,36 @@ impl Queue {
                 Reverse(deferral)
             })
             .collect();
+    }
+
+    /// The queue entry a work item refers to, local or handed over.
+    pub fn entry(&self, item: &WorkItem) -> Option<&QueuedMessage> {
+        if item.owner == self.own {
+            self.messages.get(&item.record)
+        } else {
+            self.handed.get(&(item.owner, item.record))
+        }
+    }
+
+    /// The mutable queue entry a work item refers to, local or handed over.
+    pub fn entry_mut(&mut self, item: &WorkItem) -> Option<&mut QueuedMessage> {
+        if item.owner == self.own {
+            self.messages.get_mut(&item.record)
+        } else {
+            self.handed.get_mut(&(item.owner, item.record))
+        }
+    }
+
+    /// Drops a handed-over message once none of its recipients is ready or
+    /// in flight here any more.
+    pub fn forget_handed_if_done(&mut self, owner: u16, record: RecordRef) {
+        let done = self
+            .handed
+            .get(&(owner, record))
+            .is_some_and(|message| !message.scheduled.iter().any(|scheduled| *scheduled));
+        if done {
+            self.handed.remove(&(owner, record));
+        }
     }
 
     /// Returns the shared name of a domain, creating its destination entry.
@@ -227,7 +272,11 @@ impl Queue {
                 recipients.push(index as u32);
             }
         }
-        (!recipients.is_empty()).then_some(WorkItem { record, recipients })
+        (!recipients.is_empty()).then_some(WorkItem {
+            owner: self.own,
+            record,
+            recipients,
+        })
     }
 
     /// Makes every pending recipient of a domain due now (operator requeue).
