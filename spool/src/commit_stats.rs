@@ -38,7 +38,9 @@ fn histogram(max: u64) -> Histogram<u64> {
 pub struct CommitStats {
     /// The latency of each `fdatasync` call, in microseconds, whether it
     /// succeeded or failed. One commit syncs every segment it wrote to, so
-    /// it may make more than one call.
+    /// it may make more than one call. The committer task measures it, so it
+    /// includes the wait for the executor to poll the task again after the
+    /// sync completed.
     pub fsync_us: Histogram<u64>,
     /// Records made durable per successful commit.
     pub batch_records: Histogram<u64>,

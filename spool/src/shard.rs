@@ -893,9 +893,9 @@ async fn sync_dirty<S: Storage>(inner: &Inner<S>) {
     let started = Instant::now();
     let mut failure = None;
     for (id, segment) in handles {
-        let sync_started = Instant::now();
+        let call_started = Instant::now();
         let result = segment.sync().await;
-        let latency_us = sync_started.elapsed().as_micros() as u64;
+        let latency_us = call_started.elapsed().as_micros() as u64;
         inner
             .commit_stats
             .borrow_mut()

@@ -140,7 +140,7 @@ pub struct Head {
     pub hash: String,
 }
 
-/// One line of `checkpoints.jsonl`.
+/// One line of a checkpoint file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Checkpoint {
     pub stream: String,
