@@ -9,6 +9,7 @@
 //!
 //! The byte layout is specified in `format.rs` and in `docs/spool-format.md`.
 
+mod commit_stats;
 mod error;
 pub mod format;
 pub mod inspect;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use caduceus_policy::{Category, Lane};
 
+pub use commit_stats::{BATCH_MAX_BYTES, BATCH_MAX_RECORDS, CommitStats, FSYNC_MAX_US};
 pub use error::{AppendError, CommitError, KeyError, ReadError, SpoolError};
 pub use keyring::Keyring;
 pub use reader::{MAX_CACHED_SEGMENTS, SpoolReader};

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ring::aead::NONCE_LEN;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::commit_stats::CommitStats;
 use crate::error::{AppendError, CommitError, ReadError, SpoolError};
 use crate::format::{
     BuildError, OpenError, OutcomeRecord, RecordBuilder, SEALED_OUTCOME_RECORD_BYTES,
@@ -84,6 +85,10 @@ struct CommitState {
     sync_started: u64,
     /// The latest sequence number covered by a completed sync.
     synced: u64,
+    /// Bytes of every record appended since the shard opened.
+    appended_bytes: u64,
+    /// `appended_bytes` when the latest sync started.
+    sync_started_bytes: u64,
     failed: Option<CommitError>,
     /// Segments written since the last sync started.
     dirty: Vec<u32>,
@@ -166,6 +171,8 @@ pub(crate) struct Inner<S: Storage> {
     next_segment: Cell<u32>,
     live: RefCell<HashMap<RecordRef, LiveMessage>>,
     commit: RefCell<CommitState>,
+    /// Written only by the committer, taken by the shard's owner.
+    commit_stats: RefCell<CommitStats>,
     free_bytes: Cell<u64>,
 }
 
@@ -248,6 +255,7 @@ impl<S: Storage + 'static> Shard<S> {
             next_segment: Cell::new(recovered.next_segment),
             live: RefCell::new(recovered.live),
             commit: RefCell::new(CommitState::default()),
+            commit_stats: RefCell::new(CommitStats::new()),
             free_bytes: Cell::new(free_bytes),
         });
         glommio::spawn_local(run_committer(inner.clone())).detach();
@@ -300,7 +308,7 @@ impl<S: Storage + 'static> Shard<S> {
             },
         );
         self.pin(record.segment, record_bytes);
-        Ok((record, self.note_append(record.segment)))
+        Ok((record, self.note_append(record.segment, record_bytes)))
     }
 
     /// Appends a per-recipient outcome record for a live message of this
@@ -333,6 +341,7 @@ impl<S: Storage + 'static> Shard<S> {
         };
         let mut builder = inner.builder.borrow_mut();
         let bytes = builder.outcome(&record, self.sealing());
+        let record_bytes = bytes.len() as u64;
         let location = self.write_record(bytes, SpaceUse::StateChange)?;
         drop(builder);
 
@@ -361,7 +370,7 @@ impl<S: Storage + 'static> Shard<S> {
         if newly_pinned {
             self.pin(segment, SEALED_OUTCOME_RECORD_BYTES);
         }
-        Ok(self.note_append(segment))
+        Ok(self.note_append(segment, record_bytes))
     }
 
     /// Resolves when a completed fdatasync covers `seq`.
@@ -444,6 +453,13 @@ impl<S: Storage + 'static> Shard<S> {
             Poll::Pending
         })
         .await
+    }
+
+    /// Returns the group-commit statistics gathered since the previous call
+    /// and starts new ones. Call it outside the commit path, because the
+    /// fresh histograms are allocated here.
+    pub fn take_commit_stats(&self) -> CommitStats {
+        std::mem::take(&mut *self.inner.commit_stats.borrow_mut())
     }
 
     /// Returns segment, byte and live-message counts.
@@ -585,10 +601,11 @@ impl<S: Storage + 'static> Shard<S> {
         }
     }
 
-    fn note_append(&self, segment: u32) -> CommitSeq {
+    fn note_append(&self, segment: u32, record_bytes: u64) -> CommitSeq {
         self.note_dirty(segment);
         let mut commit = self.inner.commit.borrow_mut();
         commit.appended += 1;
+        commit.appended_bytes += record_bytes;
         commit.wake_committer();
         CommitSeq(commit.appended)
     }
@@ -853,10 +870,18 @@ async fn gather_batch<S: Storage>(inner: &Inner<S>) {
 }
 
 async fn sync_dirty<S: Storage>(inner: &Inner<S>) {
-    let (target, dirty) = {
+    let (target, batch_records, batch_bytes, dirty) = {
         let mut commit = inner.commit.borrow_mut();
+        let batch_records = commit.appended - commit.sync_started;
+        let batch_bytes = commit.appended_bytes - commit.sync_started_bytes;
         commit.sync_started = commit.appended;
-        (commit.appended, std::mem::take(&mut commit.dirty))
+        commit.sync_started_bytes = commit.appended_bytes;
+        (
+            commit.appended,
+            batch_records,
+            batch_bytes,
+            std::mem::take(&mut commit.dirty),
+        )
     };
     let handles: Vec<(u32, Rc<S::Segment>)> = {
         let segments = inner.segments.borrow();
@@ -868,7 +893,14 @@ async fn sync_dirty<S: Storage>(inner: &Inner<S>) {
     let started = Instant::now();
     let mut failure = None;
     for (id, segment) in handles {
-        if let Err(error) = segment.sync().await {
+        let call_started = Instant::now();
+        let result = segment.sync().await;
+        let latency_us = call_started.elapsed().as_micros() as u64;
+        inner
+            .commit_stats
+            .borrow_mut()
+            .record_fsync(latency_us, result.is_ok());
+        if let Err(error) = result {
             failure = Some((id, error));
             break;
         }
@@ -877,6 +909,12 @@ async fn sync_dirty<S: Storage>(inner: &Inner<S>) {
     match failure {
         None => {
             commit.synced = target;
+            if batch_records > 0 {
+                inner
+                    .commit_stats
+                    .borrow_mut()
+                    .record_commit(batch_records, batch_bytes);
+            }
             tracing::trace!(
                 shard = inner.shard,
                 seq = target,

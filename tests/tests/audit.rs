@@ -1,7 +1,8 @@
 //! The audit trail and the metrics endpoint, end to end: a submission by
 //! another uid is recorded with that uid, `caduceus audit verify` and
 //! `caduceus report` read the trail, and `/metrics` agrees with the
-//! delivery log once the engine is quiescent.
+//! delivery log once the engine is quiescent, the spool's group-commit
+//! histograms included.
 
 mod common;
 
@@ -405,6 +406,175 @@ fn metrics_match_the_delivery_log() {
     assert_eq!(deferred, 1.0, "the scripted 450 deferred one recipient");
     assert_eq!(
         sum(&mid_run, "caduceus_recipients_bounced_total", "bulk"),
+        0.0
+    );
+}
+
+/// Checks one histogram series: `le` bounds rise, cumulative counts never
+/// fall, and the `+Inf` bucket equals `_count`. Returns `(count, sum)`.
+fn check_histogram(samples: &Samples, name: &str, core: &str) -> (f64, f64) {
+    let of_core = |series: &str| -> Vec<(BTreeMap<String, String>, f64)> {
+        samples
+            .get(series)
+            .unwrap_or_else(|| panic!("metric {series} missing"))
+            .iter()
+            .filter(|(labels, _)| labels.get("core").map(String::as_str) == Some(core))
+            .cloned()
+            .collect()
+    };
+    let buckets = of_core(&format!("{name}_bucket"));
+    assert!(!buckets.is_empty(), "{name} core {core} has no buckets");
+
+    let bound = |labels: &BTreeMap<String, String>| -> f64 {
+        match labels["le"].as_str() {
+            "+Inf" => f64::INFINITY,
+            text => text
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: invalid le {text}")),
+        }
+    };
+    for pair in buckets.windows(2) {
+        assert!(
+            bound(&pair[0].0) < bound(&pair[1].0),
+            "{name} core {core}: le bounds not rising: {pair:?}"
+        );
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "{name} core {core}: cumulative counts fall: {pair:?}"
+        );
+    }
+
+    let (last_labels, infinite) = buckets.last().expect("checked non-empty");
+    assert_eq!(last_labels["le"], "+Inf", "{name} core {core}: last bucket");
+    let count = of_core(&format!("{name}_count"));
+    let sum = of_core(&format!("{name}_sum"));
+    assert_eq!(count.len(), 1, "{name} core {core}: one _count");
+    assert_eq!(sum.len(), 1, "{name} core {core}: one _sum");
+    assert_eq!(*infinite, count[0].1, "{name} core {core}: +Inf == _count");
+    assert!(sum[0].1 >= 0.0, "{name} core {core}: negative _sum");
+    (count[0].1, sum[0].1)
+}
+
+/// Sums a per-core counter or gauge over every core.
+fn sum_over_cores(samples: &Samples, name: &str) -> f64 {
+    samples
+        .get(name)
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+        .iter()
+        .map(|(_, value)| value)
+        .sum()
+}
+
+#[test]
+fn spool_commit_metrics_count_every_record() {
+    let receiver =
+        ScriptedReceiver::start(common::any_port(64), Script::default()).expect("receiver start");
+    let metrics_address = listen_addr(64);
+    let state = state_dir();
+    let config = format!(
+        "{}\n[metrics]\nlisten = \"{metrics_address}\"\n\n[[rule]]\ndomain = \"example.test\"\nroute = \"{}\"\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    wait_until(WAIT, || {
+        TcpStream::connect(metrics_address).is_ok() && http_get(metrics_address, "/readyz").0 == 200
+    });
+
+    // Four connections inject at once, so that some commits can cover
+    // more than one record.
+    const CONNECTIONS: u32 = 4;
+    const PER_CONNECTION: u32 = 25;
+    let acked = std::sync::Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for connection in 0..CONNECTIONS {
+            let sequences: Vec<u32> = (0..PER_CONNECTION)
+                .map(|index| connection * PER_CONNECTION + index)
+                .collect();
+            let (socket, acked, stop) = (engine.socket(Lane::Bulk), &acked, &stop);
+            scope.spawn(move || common::inject(socket, "example.test", sequences, acked, stop));
+        }
+    });
+    let accepted = acked.lock().unwrap().len();
+    assert_eq!(accepted, (CONNECTIONS * PER_CONNECTION) as usize);
+    receiver
+        .wait_for(accepted, WAIT)
+        .expect("every message delivered");
+    wait_until(WAIT, || {
+        engine.delivery_log().is_ok_and(|log| {
+            log.iter()
+                .filter(|entry| entry["event"] == "delivered")
+                .count()
+                == accepted
+        })
+    });
+
+    // Each delivery log line stands for one spool record: `received` for a
+    // message record, every other event for an outcome record. Compaction
+    // copies are the only records without a line, and this run fills no
+    // segment, so it makes none.
+    let log = engine.delivery_log().expect("delivery log");
+    let expected_records = log.len() as f64;
+    assert!(expected_records >= 2.0 * accepted as f64, "{log:?}");
+
+    // The statistics arrive with the once-a-second snapshot.
+    let mut samples = Samples::new();
+    wait_until(WAIT, || {
+        samples = parse_prometheus(&http_get(metrics_address, "/metrics").1);
+        sum_over_cores(&samples, "caduceus_spool_commit_batch_records_sum") >= expected_records
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    samples = parse_prometheus(&http_get(metrics_address, "/metrics").1);
+
+    let cores: Vec<String> = samples["caduceus_spool_commits_total"]
+        .iter()
+        .map(|(labels, _)| labels["core"].clone())
+        .collect();
+    assert!(!cores.is_empty());
+    let mut fsyncs = 0.0;
+    let mut records = 0.0;
+    let mut bytes = 0.0;
+    for core in &cores {
+        let (fsync_count, fsync_seconds) =
+            check_histogram(&samples, "caduceus_spool_fsync_seconds", core);
+        let (commits, record_sum) =
+            check_histogram(&samples, "caduceus_spool_commit_batch_records", core);
+        let (byte_commits, byte_sum) =
+            check_histogram(&samples, "caduceus_spool_commit_batch_bytes", core);
+        let counted_commits = samples["caduceus_spool_commits_total"]
+            .iter()
+            .find(|(labels, _)| labels["core"] == *core)
+            .map(|(_, value)| *value)
+            .expect("commits of the core");
+        assert_eq!(commits, counted_commits, "core {core}: commits");
+        assert_eq!(byte_commits, commits, "core {core}: byte samples");
+        assert!(
+            fsync_count >= commits,
+            "core {core}: a commit syncs at least once"
+        );
+        assert!(record_sum >= commits, "core {core}: a commit has a record");
+        assert!(fsync_seconds >= 0.0);
+        fsyncs += fsync_count;
+        records += record_sum;
+        bytes += byte_sum;
+    }
+    assert!(fsyncs > 0.0, "no fdatasync counted");
+    assert!(
+        records >= accepted as f64,
+        "records {records} < accepted {accepted}"
+    );
+    assert_eq!(
+        records, expected_records,
+        "records committed vs delivery log lines"
+    );
+    // A message record contains at least the message as injected.
+    assert!(
+        bytes >= (accepted * common::message(0, "example.test").len()) as f64,
+        "bytes {bytes}"
+    );
+    assert_eq!(
+        sum_over_cores(&samples, "caduceus_spool_fsync_failures_total"),
         0.0
     );
 }

@@ -14,13 +14,21 @@
 //! The chain continues across files: a new day's first record carries the
 //! hash of the previous file's last line.
 //!
-//! A checkpoint is one line of `checkpoints.jsonl`: a stream's head (name,
+//! A checkpoint is one line of a checkpoint file: a stream's head (name,
 //! seq, hash of the line with that seq, time, file) signed with Ed25519.
 //! Each stream signs only its own head, so streams on different executors
-//! share no state. They share only the checkpoint file, opened with
+//! share no state. They share only the checkpoint files, opened with
 //! `O_APPEND`, where the kernel places each single `write(2)` of a whole
 //! line at the end of the file without interleaving.
+//!
+//! Checkpoint files are daily too: `checkpoints-YYYYMMDD.jsonl` contains the
+//! checkpoints whose `file` is a stream file of that day, so retention
+//! deletes a day's checkpoints together with the records they cover.
+//! Versions before the daily checkpoint files wrote every checkpoint to
+//! `checkpoints.jsonl`; verify still reads that file, and retention never
+//! deletes it.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -39,8 +47,13 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// rotation and when it closes.
 pub const CHECKPOINT_INTERVAL_RECORDS: u64 = 1000;
 
-/// The name of the shared checkpoint file in the audit directory.
-pub const CHECKPOINT_FILE: &str = "checkpoints.jsonl";
+/// The name of the single checkpoint file that versions before the daily
+/// checkpoint files wrote. It is read, never written.
+pub const LEGACY_CHECKPOINT_FILE: &str = "checkpoints.jsonl";
+
+/// The name prefix of the daily checkpoint files. It is reserved: no stream
+/// may have this name, because the files would parse as its daily files.
+pub const CHECKPOINT_STREAM: &str = "checkpoints";
 
 /// How far back from the end of a file the last line is searched for when a
 /// stream reopens. Records are a few hundred bytes, so this is generous.
@@ -56,15 +69,47 @@ pub fn file_name(stream: &str, day: Date) -> String {
     format!("{stream}-{}.jsonl", day.compact())
 }
 
+/// Returns the name of the checkpoint file for the stream files of `day`.
+pub fn checkpoint_file_name(day: Date) -> String {
+    file_name(CHECKPOINT_STREAM, day)
+}
+
 /// Splits a file name into stream name and day, or `None` when it is not
-/// an audit stream file.
+/// an audit stream file (checkpoint files are not).
 pub fn parse_file_name(name: &str) -> Option<(String, Date)> {
+    let (stream, day) = parse_daily_name(name)?;
+    (stream != CHECKPOINT_STREAM).then_some((stream, day))
+}
+
+fn parse_daily_name(name: &str) -> Option<(String, Date)> {
     let stem = name.strip_suffix(".jsonl")?;
     let (stream, day) = stem.rsplit_once('-')?;
     if day.len() != 8 || stream.is_empty() {
         return None;
     }
     Some((stream.to_string(), Date::parse(day)?))
+}
+
+/// Lists every checkpoint file in `dir`: the legacy `checkpoints.jsonl` first if
+/// it exists (day `None`), then the daily files, oldest first.
+pub fn list_checkpoint_files(dir: &Path) -> io::Result<Vec<(Option<Date>, PathBuf)>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name == LEGACY_CHECKPOINT_FILE {
+            files.push((None, entry.path()));
+        } else if let Some((stream, day)) = parse_daily_name(name)
+            && stream == CHECKPOINT_STREAM
+        {
+            files.push((Some(day), entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// One stream's daily files, oldest first.
@@ -95,7 +140,7 @@ pub struct Head {
     pub hash: String,
 }
 
-/// One line of `checkpoints.jsonl`.
+/// One line of a checkpoint file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Checkpoint {
     pub stream: String,
@@ -168,6 +213,7 @@ pub struct StreamWriter {
     /// Bytes of whole lines in `file`, so that a failed write can be cut
     /// back to the last whole line.
     file_len_bytes: u64,
+    /// The checkpoint file of `day`.
     checkpoints: File,
     buffer: Vec<u8>,
     head: Head,
@@ -189,6 +235,14 @@ impl StreamWriter {
         retention: std::time::Duration,
         now_us: u64,
     ) -> io::Result<(StreamWriter, Recovery)> {
+        if stream == CHECKPOINT_STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "invalid audit stream name {stream:?}: it is reserved for checkpoint files"
+                ),
+            ));
+        }
         fs::create_dir_all(dir)?;
         let files = list_streams(dir)?
             .into_iter()
@@ -232,10 +286,7 @@ impl StreamWriter {
         }
         let day = Date::from_unix_us(now_us);
         let (file, file_len_bytes) = open_append(&dir.join(file_name(stream, day)))?;
-        let checkpoints = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(CHECKPOINT_FILE))?;
+        let (checkpoints, _) = open_append(&dir.join(checkpoint_file_name(day)))?;
         let writer = StreamWriter {
             dir: dir.to_path_buf(),
             stream: stream.to_string(),
@@ -358,7 +409,8 @@ impl StreamWriter {
         Ok(())
     }
 
-    /// Signs the synced head and appends it to the checkpoint file.
+    /// Signs the synced head and appends it to the checkpoint file of the
+    /// current day.
     pub fn write_checkpoint(&mut self, at_us: u64) -> io::Result<()> {
         if self.synced.seq == 0 {
             return Ok(());
@@ -381,30 +433,44 @@ impl StreamWriter {
         self.checkpoints.sync_data()
     }
 
-    /// Finishes the current day's file (blocking sync and checkpoint; once
-    /// a day) and starts `day`'s, then applies retention.
+    /// Finishes the current day's file and its checkpoints (blocking syncs,
+    /// once a day) and starts `day`'s, then applies retention.
     fn rotate(&mut self, day: Date, at_us: u64) -> io::Result<()> {
         self.write_and_sync()?;
         self.write_checkpoint(at_us)?;
+        // This stream writes no more checkpoints to the old day's file.
+        self.checkpoints.sync_data()?;
         let (file, length) = open_append(&self.dir.join(file_name(&self.stream, day)))?;
+        let (checkpoints, _) = open_append(&self.dir.join(checkpoint_file_name(day)))?;
         self.file = file;
         self.file_len_bytes = length;
+        self.checkpoints = checkpoints;
         self.day = day;
         self.generation += 1;
         self.apply_retention(at_us)
     }
 
-    /// Deletes this stream's files whose day is older than the retention
-    /// and records the deletion in the stream. The newest file is never
-    /// deleted, so the chain always has a head to continue from.
+    /// Deletes this stream's files whose day is older than the retention,
+    /// then the checkpoint files of such days, and records each deletion in
+    /// the stream. The newest file is never deleted, so the chain always has
+    /// a head to continue from.
     pub fn apply_retention(&mut self, now_us: u64) -> io::Result<()> {
         let today = (now_us / DAY_US) as i64;
         let cutoff = today - self.retention_days as i64;
-        let files = list_streams(&self.dir)?
-            .into_iter()
-            .find(|(name, _)| *name == self.stream)
-            .map(|(_, files)| files)
-            .unwrap_or_default();
+        let streams = list_streams(&self.dir)?;
+        self.delete_expired_stream_files(&streams, cutoff, now_us)?;
+        self.delete_expired_checkpoint_files(&streams, cutoff, now_us)
+    }
+
+    fn delete_expired_stream_files(
+        &mut self,
+        streams: &[(String, StreamFiles)],
+        cutoff: i64,
+        now_us: u64,
+    ) -> io::Result<()> {
+        let Some((_, files)) = streams.iter().find(|(name, _)| *name == self.stream) else {
+            return Ok(());
+        };
         let current = self.current_path();
         let expired: Vec<&(Date, PathBuf)> = files
             .iter()
@@ -423,11 +489,7 @@ impl StreamWriter {
         let mut names = Vec::new();
         for (_, path) in &expired {
             fs::remove_file(path)?;
-            names.push(
-                path.file_name()
-                    .map(|name| name.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            );
+            names.push(display_name(path));
         }
         tracing::info!(stream = %self.stream, files = names.len(), through_seq, retention_days = self.retention_days, "audit: deleted files past retention");
         self.stage_line(
@@ -440,6 +502,57 @@ impl StreamWriter {
         )?;
         self.write_and_sync()
     }
+
+    /// Deletes the checkpoint files of days before `cutoff`. A day that is
+    /// some stream's newest file is kept, because that stream's later
+    /// checkpoints still name that file: an idle stream, or one whose
+    /// executor no longer runs, never rotates away from it.
+    fn delete_expired_checkpoint_files(
+        &mut self,
+        streams: &[(String, StreamFiles)],
+        cutoff: i64,
+        now_us: u64,
+    ) -> io::Result<()> {
+        let newest_days: BTreeSet<Date> = streams
+            .iter()
+            .filter_map(|(_, files)| files.last().map(|(day, _)| *day))
+            .collect();
+        let mut names = Vec::new();
+        for (day, path) in list_checkpoint_files(&self.dir)? {
+            // The legacy file has no day and is kept.
+            let Some(day) = day else {
+                continue;
+            };
+            if day.to_days() >= cutoff || day == self.day || newest_days.contains(&day) {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => names.push(display_name(&path)),
+                // Another stream's retention deleted it first.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(stream = %self.stream, files = names.len(), retention_days = self.retention_days, "audit: deleted checkpoint files past retention");
+        self.stage_line(
+            &super::AuditEvent::CheckpointsDeleted {
+                files: names,
+                retention_days: self.retention_days,
+            },
+            now_us,
+        )?;
+        self.write_and_sync()
+    }
+}
+
+/// Returns the file name of `path`, for records and messages.
+pub fn display_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Opens a file for appending and returns its length.

@@ -83,6 +83,13 @@ pub enum AuditEvent {
         through_seq: u64,
         retention_days: u64,
     },
+    /// Checkpoint files past the retention period were deleted. Any
+    /// stream's retention may delete them, so the stream that deleted them
+    /// records it.
+    CheckpointsDeleted {
+        files: Vec<String>,
+        retention_days: u64,
+    },
     /// A crash interrupted a line's write; the fragment was cut off when
     /// the stream reopened.
     TornTailDiscarded { file: String, bytes: u64 },

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::AuditEvent;
-use super::chain::{CHECKPOINT_FILE, StreamWriter, file_name, list_streams};
+use super::chain::{
+    LEGACY_CHECKPOINT_FILE, StreamWriter, checkpoint_file_name, file_name, list_checkpoint_files,
+    list_streams,
+};
 use super::date::{DAY_US, Date};
 use super::key::AuditKey;
 use super::verify::{ProblemKind, Report, latest_checkpoints, parse_anchors, verify};
@@ -234,11 +237,13 @@ fn anchor_detects_truncation_past_it() {
     assert_eq!(anchors.len(), 1);
     assert_eq!(anchors[0].seq, RECORDS);
 
-    // The insider cuts the stream and the checkpoint file back together.
+    // The insider cuts the stream and the checkpoint files back together.
     let mut all = lines(&file);
     all.truncate(8_000);
     write_lines(&file, &all);
-    fs::remove_file(dir.join(CHECKPOINT_FILE)).unwrap();
+    for (_, path) in list_checkpoint_files(&dir).unwrap() {
+        fs::remove_file(path).unwrap();
+    }
 
     let without = verify(&dir, &public, &[]);
     assert!(without.problems.is_empty(), "nothing on the host can tell");
@@ -252,7 +257,7 @@ fn anchor_detects_truncation_past_it() {
 fn forged_checkpoint_signature_is_rejected() {
     let (directory, _file, public) = build_stream();
     let dir = directory.path().join("audit");
-    let path = dir.join(CHECKPOINT_FILE);
+    let path = dir.join(checkpoint_file_name(Date::from_unix_us(BASE_US)));
     let text = fs::read_to_string(&path)
         .unwrap()
         .replacen("\"seq\":1000,", "\"seq\":999,", 1);
@@ -452,4 +457,239 @@ fn stream_files_of(state: &Path, stream: &str) -> Vec<PathBuf> {
         .find(|(name, _)| name == stream)
         .map(|(_, files)| files.into_iter().map(|(_, path)| path).collect())
         .unwrap_or_default()
+}
+
+/// Writes `per_day` records on each of `days` consecutive days from
+/// `BASE_US` through one writer, syncing every 100, and closes it.
+fn build_days(
+    dir: &Path,
+    stream: &str,
+    key: &Arc<AuditKey>,
+    retention: Duration,
+    days: u64,
+    per_day: u64,
+) {
+    let (mut writer, _) = StreamWriter::open(dir, stream, key.clone(), retention, BASE_US).unwrap();
+    for day in 0..days {
+        for index in 0..per_day {
+            writer
+                .stage(&admin_event(index), BASE_US + day * DAY_US + index)
+                .unwrap();
+            if index % 100 == 99 {
+                writer.write_and_sync().unwrap();
+            }
+        }
+        writer.write_and_sync().unwrap();
+    }
+    writer.close().unwrap();
+}
+
+/// Returns the days (YYYYMMDD) of the daily checkpoint files in `dir`.
+fn checkpoint_days(dir: &Path) -> Vec<String> {
+    list_checkpoint_files(dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(day, _)| day.map(Date::compact))
+        .collect()
+}
+
+#[test]
+fn checkpoint_files_rotate_with_retention() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    build_days(
+        &dir,
+        "core-0",
+        &key,
+        Duration::from_secs(2 * 86_400),
+        6,
+        1500,
+    );
+
+    // With 2 days of retention, the rotations to days 3, 4 and 5 deleted
+    // the stream files and checkpoint files of days 0, 1 and 2.
+    assert_eq!(checkpoint_days(&dir), ["20261207", "20261208", "20261209"]);
+    assert!(!dir.join(LEGACY_CHECKPOINT_FILE).exists());
+    let streams = list_streams(&dir).unwrap();
+    assert_eq!(streams.len(), 1, "checkpoint files are not a stream");
+    let text: String = streams[0]
+        .1
+        .iter()
+        .map(|(_, path)| fs::read_to_string(path).unwrap())
+        .collect();
+    assert!(text.contains("\"event\":\"checkpoints_deleted\""), "{text}");
+    assert!(text.contains("checkpoints-20261204.jsonl"));
+
+    // Each remaining day has its 1000-record checkpoint and the rotation
+    // or close checkpoint, and each names a stream file of its own day.
+    for (day, path) in list_checkpoint_files(&dir).unwrap() {
+        let day = day.expect("only daily files");
+        let checkpoint_lines = lines(&path);
+        assert!(checkpoint_lines.len() >= 2, "{checkpoint_lines:?}");
+        for line in checkpoint_lines {
+            let checkpoint: super::chain::Checkpoint = serde_json::from_str(&line).unwrap();
+            assert_eq!(checkpoint.file, file_name("core-0", day));
+        }
+    }
+    let report = verify(&dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert!(report.streams["core-0"].checkpoints_checked >= 6);
+}
+
+/// A chain rewritten with fresh hashes from an older day onward is caught
+/// by that day's checkpoint, which sits in the rotated checkpoint file.
+#[test]
+fn rewritten_chain_fails_rotated_checkpoint() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    build_days(&dir, "core-0", &key, RETENTION, 3, 500);
+
+    // Edit record 123 on day 0, then rehash every later record of every
+    // file, as an insider who has read the chain rule would.
+    let files: Vec<PathBuf> = list_streams(&dir).unwrap()[0]
+        .1
+        .iter()
+        .map(|(_, path)| path.clone())
+        .collect();
+    assert_eq!(files.len(), 3);
+    let mut previous: Option<String> = None;
+    for path in &files {
+        let mut all = lines(path);
+        for line in all.iter_mut() {
+            let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+            if value["seq"] == 123 {
+                value["destination"] = serde_json::Value::String("forged.example".into());
+            }
+            if let Some(hash) = previous.take() {
+                value["prev"] = serde_json::Value::String(hash);
+            }
+            *line = serde_json::to_string(&value).unwrap();
+            previous = Some(super::chain::line_hash(line.as_bytes()));
+        }
+        write_lines(path, &all);
+    }
+
+    let report = verify(&dir, &public, &[]);
+    assert!(!report.problems.is_empty(), "the rewrite went unnoticed");
+    assert!(
+        report
+            .problems
+            .iter()
+            .all(|problem| problem.kind == ProblemKind::Rewritten),
+        "{:#?}",
+        report.problems
+    );
+    // The first checkpoint after the edit is day 0's rotation checkpoint
+    // at seq 500, and only the rotated file of day 0 contains it.
+    let first = &report.problems[0];
+    assert_eq!(first.seq, Some(500), "{first}");
+    let day_0 =
+        fs::read_to_string(dir.join(checkpoint_file_name(Date::from_unix_us(BASE_US)))).unwrap();
+    assert!(day_0.contains("\"seq\":500,"), "{day_0}");
+}
+
+#[test]
+fn anchor_verifies_across_checkpoint_rotation() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    let retention = Duration::from_secs(2 * 86_400);
+    build_days(&dir, "core-0", &key, retention, 2, 50);
+    let early = parse_anchors(&latest_checkpoints(&dir).unwrap().join("\n")).unwrap();
+    assert_eq!(early[0].seq, 100);
+
+    // Four more days: retention deletes the files the early anchor names.
+    let (mut writer, _) =
+        StreamWriter::open(&dir, "core-0", key.clone(), retention, BASE_US + DAY_US).unwrap();
+    for day in 2..6u64 {
+        for index in 0..50 {
+            writer
+                .stage(&admin_event(index), BASE_US + day * DAY_US + index)
+                .unwrap();
+        }
+        writer.write_and_sync().unwrap();
+    }
+    writer.close().unwrap();
+    assert_eq!(checkpoint_days(&dir), ["20261207", "20261208", "20261209"]);
+    let late = parse_anchors(&latest_checkpoints(&dir).unwrap().join("\n")).unwrap();
+    assert_eq!(late.len(), 1);
+    let report = verify(&dir, &public, &[early[0].clone(), late[0].clone()]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+
+    // The insider cuts the newest day's file and every checkpoint file.
+    let newest = dir.join(file_name(
+        "core-0",
+        Date::from_unix_us(BASE_US + 5 * DAY_US),
+    ));
+    let mut all = lines(&newest);
+    all.truncate(10);
+    write_lines(&newest, &all);
+    for (_, path) in list_checkpoint_files(&dir).unwrap() {
+        fs::remove_file(path).unwrap();
+    }
+    let with = verify(&dir, &public, &late);
+    let problem = only_problem(&with);
+    assert_eq!(problem.kind, ProblemKind::Truncated, "{problem}");
+    assert!(problem.detail.contains("anchor"), "{problem}");
+}
+
+/// A stream that stopped writing keeps its newest file, so the checkpoint
+/// file of that day is kept too, while older days' files expire.
+#[test]
+fn idle_stream_keeps_its_checkpoint_file() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let public = key.public_hex().to_string();
+    let retention = Duration::from_secs(2 * 86_400);
+    let (mut idle, _) =
+        StreamWriter::open(&dir, "core-1", key.clone(), retention, BASE_US + DAY_US).unwrap();
+    idle.stage(&admin_event(0), BASE_US + DAY_US).unwrap();
+    idle.close().unwrap();
+    drop(idle);
+    build_days(&dir, "core-0", &key, retention, 6, 20);
+
+    assert_eq!(
+        checkpoint_days(&dir),
+        ["20261205", "20261207", "20261208", "20261209"]
+    );
+    let report = verify(&dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(report.streams["core-1"].checkpoints_checked, 1);
+}
+
+#[test]
+fn legacy_checkpoint_file_is_still_verified() {
+    let (directory, _file, public) = build_stream();
+    let dir = directory.path().join("audit");
+    let daily = dir.join(checkpoint_file_name(Date::from_unix_us(BASE_US)));
+    fs::rename(&daily, dir.join(LEGACY_CHECKPOINT_FILE)).unwrap();
+    let report = verify(&dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert!(report.streams["core-0"].checkpoints_checked >= RECORDS / 1000);
+    assert_eq!(latest_checkpoints(&dir).unwrap().len(), 1);
+
+    let path = dir.join(LEGACY_CHECKPOINT_FILE);
+    let text = fs::read_to_string(&path)
+        .unwrap()
+        .replacen("\"seq\":1000,", "\"seq\":999,", 1);
+    fs::write(&path, text).unwrap();
+    let report = verify(&dir, &public, &[]);
+    let problem = only_problem(&report);
+    assert_eq!(problem.kind, ProblemKind::BadCheckpoint, "{problem}");
+    assert_eq!(problem.file.as_deref(), Some(LEGACY_CHECKPOINT_FILE));
+}
+
+#[test]
+fn checkpoint_stream_name_is_rejected() {
+    let directory = tempfile::tempdir().unwrap();
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let result = StreamWriter::open(directory.path(), "checkpoints", key, RETENTION, BASE_US);
+    let error = result.err().expect("reserved name accepted");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
 }

@@ -11,7 +11,11 @@
 //!   signed checkpoint: the checkpoint names a seq past the end, or a
 //!   different hash for that seq;
 //! - an anchor, a checkpoint line kept off the host, still catches those
-//!   when `checkpoints.jsonl` itself was cut or the key replaced.
+//!   when the checkpoint files themselves were cut or the key replaced.
+//!
+//! Checkpoints are read from every daily checkpoint file and from the
+//! legacy `checkpoints.jsonl`, so a checkpoint written before a rotation
+//! still checks the records of the rotated stream file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -19,7 +23,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::chain::{CHECKPOINT_FILE, Checkpoint, GENESIS_HASH, line_hash, list_streams};
+use super::chain::{
+    Checkpoint, GENESIS_HASH, display_name, line_hash, list_checkpoint_files, list_streams,
+};
 use super::key::verify_hex;
 
 /// One problem found, with where it is.
@@ -167,20 +173,47 @@ pub fn verify(audit_dir: &Path, public_hex: &str, anchors: &[Checkpoint]) -> Rep
     report
 }
 
-/// Reads and checks `checkpoints.jsonl`; returns the valid checkpoints.
+/// Reads and checks every checkpoint file; returns the valid checkpoints.
 fn read_checkpoints(audit_dir: &Path, public_hex: &str, report: &mut Report) -> Vec<Checkpoint> {
-    let path = audit_dir.join(CHECKPOINT_FILE);
-    let Ok(bytes) = fs::read(&path) else {
+    // A directory that cannot be listed is reported when the streams are
+    // listed.
+    let Ok(files) = list_checkpoint_files(audit_dir) else {
         return Vec::new();
     };
     let mut valid = Vec::new();
+    for (_, path) in files {
+        match fs::read(&path) {
+            Ok(bytes) => check_checkpoint_lines(&path, &bytes, public_hex, report, &mut valid),
+            Err(error) => report.problems.push(Problem {
+                stream: "checkpoints".into(),
+                file: Some(display_name(&path)),
+                line: None,
+                seq: None,
+                kind: ProblemKind::BadCheckpoint,
+                detail: format!("cannot read the checkpoint file: {error}"),
+            }),
+        }
+    }
+    valid
+}
+
+/// Checks the lines of one checkpoint file and adds the valid ones to
+/// `valid`.
+fn check_checkpoint_lines(
+    path: &Path,
+    bytes: &[u8],
+    public_hex: &str,
+    report: &mut Report,
+    valid: &mut Vec<Checkpoint>,
+) {
+    let file = display_name(path);
     for (index, line) in bytes.split(|byte| *byte == b'\n').enumerate() {
         if line.is_empty() {
             continue;
         }
         let problem = |kind, detail: String| Problem {
             stream: "checkpoints".into(),
-            file: Some(CHECKPOINT_FILE.into()),
+            file: Some(file.clone()),
             line: Some(index as u64 + 1),
             seq: None,
             kind,
@@ -222,7 +255,6 @@ fn read_checkpoints(audit_dir: &Path, public_hex: &str, report: &mut Report) -> 
         }
         valid.push(checkpoint);
     }
-    valid
 }
 
 fn verify_stream(
@@ -493,20 +525,30 @@ pub fn parse_anchors(text: &str) -> Result<Vec<Checkpoint>, String> {
 }
 
 /// The newest checkpoint of each stream, for `caduceus audit anchor`.
+/// Returns an error when the audit directory contains no checkpoint file.
 pub fn latest_checkpoints(audit_dir: &Path) -> Result<Vec<String>, String> {
-    let path = audit_dir.join(CHECKPOINT_FILE);
-    let text = fs::read_to_string(&path)
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let files = list_checkpoint_files(audit_dir)
+        .map_err(|error| format!("cannot list {}: {error}", audit_dir.display()))?;
+    if files.is_empty() {
+        return Err(format!(
+            "no checkpoint file in {}; start the engine once so that it writes one",
+            audit_dir.display()
+        ));
+    }
     let mut latest: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(checkpoint) = serde_json::from_str::<Checkpoint>(line) else {
-            continue;
-        };
-        let entry = latest
-            .entry(checkpoint.stream.clone())
-            .or_insert((0, String::new()));
-        if checkpoint.seq >= entry.0 {
-            *entry = (checkpoint.seq, line.to_string());
+    for (_, path) in files {
+        let text = fs::read_to_string(&path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+        for line in text.lines() {
+            let Ok(checkpoint) = serde_json::from_str::<Checkpoint>(line) else {
+                continue;
+            };
+            let entry = latest
+                .entry(checkpoint.stream.clone())
+                .or_insert((0, String::new()));
+            if checkpoint.seq >= entry.0 {
+                *entry = (checkpoint.seq, line.to_string());
+            }
         }
     }
     Ok(latest.into_values().map(|(_, line)| line).collect())

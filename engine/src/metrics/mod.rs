@@ -10,8 +10,9 @@
 //! the executor keeps the delta and sends it with the next snapshot, so no
 //! sample is lost and memory stays bounded.
 //!
-//! The spool crate does not expose group-commit fsync latency or batch
-//! sizes, so they are not exported here.
+//! The spool's group-commit statistics (fdatasync latency, records and bytes
+//! per commit) travel the same way: the executor takes them from its own
+//! shard at each snapshot.
 
 pub mod exposition;
 pub mod http;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use caduceus_policy::Lane;
+use caduceus_spool::CommitStats;
 use hdrhistogram::Histogram;
 
 use crate::deliverylog::{Entry, Event};
@@ -85,6 +87,8 @@ pub struct Snapshot {
     /// microseconds, per lane (indexed by `Lane as usize`).
     pub latency_us: [Histogram<u64>; 2],
     pub destinations: Vec<DestinationSample>,
+    /// The spool shard's group commits since the previous snapshot.
+    pub commit: CommitStats,
 }
 
 /// One executor's metrics.
@@ -179,6 +183,8 @@ impl Registry {
 struct LocalMetrics {
     shared: Arc<CoreMetrics>,
     latency_us: RefCell<[Histogram<u64>; 2]>,
+    /// Commit statistics of a snapshot that found the channel full.
+    unsent_commit: RefCell<Option<CommitStats>>,
     last_sample: Cell<Option<Instant>>,
     queue_seeded: Cell<bool>,
 }
@@ -197,6 +203,7 @@ pub fn install_core(metrics: Arc<CoreMetrics>) {
     let local = Rc::new(LocalMetrics {
         shared: metrics,
         latency_us: RefCell::new([latency_histogram(), latency_histogram()]),
+        unsent_commit: RefCell::new(None),
         last_sample: Cell::new(None),
         queue_seeded: Cell::new(false),
     });
@@ -340,9 +347,15 @@ pub fn sample_shard(shard: &Shard) {
         &mut *local.latency_us.borrow_mut(),
         [latency_histogram(), latency_histogram()],
     );
+    let mut commit = shard.spool.take_commit_stats();
+    if let Some(mut unsent) = local.unsent_commit.borrow_mut().take() {
+        unsent.add(&commit);
+        commit = unsent;
+    }
     let snapshot = Snapshot {
         latency_us,
         destinations,
+        commit,
     };
     if let Err(
         crossbeam_channel::TrySendError::Full(unsent)
@@ -356,5 +369,6 @@ pub fn sample_shard(shard: &Shard) {
             // adding cannot fail.
             let _ = kept.add(delta);
         }
+        *local.unsent_commit.borrow_mut() = Some(unsent.commit);
     }
 }

@@ -341,7 +341,7 @@ impl<S: Storage + 'static> Shard<S> {
                 .into_iter()
                 .map(|segment| (segment, SEALED_OUTCOME_RECORD_BYTES)),
         );
-        relocation.last_seq = Some(self.note_append(new.segment));
+        relocation.last_seq = Some(self.note_append(new.segment, record_bytes));
         relocation.moved.push((old, new));
         Ok(record_bytes)
     }
