@@ -102,6 +102,12 @@ struct ScenarioArgs {
     /// Skip the SVG plots.
     #[arg(long)]
     no_plots: bool,
+    /// Bulk executors to run (the engine's default allocation when left
+    /// out). Beyond the CPUs left after the transactional one, the extra
+    /// executor shares the transactional CPU, as a scaling measurement
+    /// on a small machine needs.
+    #[arg(long)]
+    bulk_executors: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +150,7 @@ fn scenario(scenario: Scenario, args: ScenarioArgs) -> Result<bool, String> {
             Sizes::Realistic => SizeMix::Realistic,
         },
         seed: args.seed,
+        bulk_executors: args.bulk_executors,
         engine_binary: default_engine_binary(),
     };
     let mut runs: Vec<RunResult> = Vec::new();

@@ -88,6 +88,10 @@ pub struct Options {
     pub pipeline_depth: usize,
     pub sizes: SizeMix,
     pub seed: u64,
+    /// Bulk executors to run, `None` for the engine's default allocation.
+    /// More bulk executors than spare CPUs share the transactional CPU
+    /// (`lanes.allow_shared_cpus`), which only a benchmark should do.
+    pub bulk_executors: Option<usize>,
     /// The `caduceus` binary.
     pub engine_binary: PathBuf,
 }
@@ -206,7 +210,9 @@ fn engine_config(
     sink: &ScriptedReceiver,
     domains: &[String],
     session_resumption: bool,
+    bulk_executors: Option<usize>,
 ) -> String {
+    let (lanes, transactional_cores, bulk_cores) = lane_cores(bulk_executors);
     let retry = if scenario == Scenario::Faults {
         "retry_schedule = [\"1s\", \"2s\", \"3s\", \"5s\"]\n"
     } else {
@@ -232,10 +238,13 @@ fn engine_config(
          [tls]\n\
          session_resumption = {session_resumption}\n\
          \n\
+         {lanes}\
          [lanes.transactional]\n\
+         {transactional_cores}\
          {retry}\
          \n\
          [lanes.bulk]\n\
+         {bulk_cores}\
          {retry}\
          \n\
          [[rule]]\n\
@@ -258,6 +267,40 @@ fn engine_config(
         }
     }
     config
+}
+
+/// Returns the `[lanes]` table and the `cores` lines of both lanes for
+/// `bulk_executors` bulk executors: the transactional lane keeps the first
+/// CPU, and bulk executors take the others, then share the first CPU once
+/// every other CPU has one.
+fn lane_cores(bulk_executors: Option<usize>) -> (String, String, String) {
+    let Some(count) = bulk_executors.filter(|count| *count > 0) else {
+        return (String::new(), String::new(), String::new());
+    };
+    let cpus = caduceus_engine::cores::available_cpus();
+    let first = cpus.first().copied().unwrap_or(0);
+    let others: Vec<usize> = cpus.iter().copied().skip(1).collect();
+    let mut bulk: Vec<usize> = others.iter().copied().take(count).collect();
+    let shared = bulk.len() < count;
+    if shared {
+        bulk.push(first);
+    }
+    let list = |cpus: &[usize]| {
+        cpus.iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let lanes = if shared {
+        "[lanes]\nallow_shared_cpus = true\n\n".to_string()
+    } else {
+        String::new()
+    };
+    (
+        lanes,
+        format!("cores = [{first}]\n"),
+        format!("cores = [{}]\n", list(&bulk)),
+    )
 }
 
 /// Creates a temporary directory that the engine's unprivileged user can
@@ -396,7 +439,13 @@ pub fn run_caduceus(
     let domains = domain_names(scenario);
     let sink = start_sink(scenario, &domains, options.seed)?;
     let state = state_dir()?;
-    let config = engine_config(scenario, &sink, &domains, session_resumption);
+    let config = engine_config(
+        scenario,
+        &sink,
+        &domains,
+        session_resumption,
+        options.bulk_executors,
+    );
     let mut engine = Engine::start_binary(&options.engine_binary, &config, state.path())
         .map_err(|error| format!("cannot start the engine: {error}"))?;
     let targets = Targets {

@@ -19,6 +19,7 @@ fn options(messages: u64) -> Options {
         pipeline_depth: 8,
         sizes: SizeMix::Realistic,
         seed: 7,
+        bulk_executors: None,
         engine_binary: caduceus_tests::engine_binary().expect("engine binary"),
     }
 }
@@ -48,6 +49,19 @@ fn throughput_with_postfix_comparison() {
     let postfix = run_postfix(Scenario::Throughput, &options).expect("postfix run");
     assert_verified(&postfix);
     assert_eq!(postfix.delivered, 300);
+}
+
+#[test]
+fn fanout_with_two_bulk_executors() {
+    // Fanout spreads recipients over many domains, so both bulk executors
+    // are home to some of them and mail is handed over both ways.
+    let options = Options {
+        bulk_executors: Some(2),
+        ..options(300)
+    };
+    let run = run_caduceus(Scenario::Fanout, &options, true, "caduceus").expect("run");
+    assert_verified(&run);
+    assert_eq!(run.delivered, 300);
 }
 
 #[test]
