@@ -60,10 +60,6 @@ const _: () = assert!(RESERVED_OFFSET <= HEADER_SIZE_BYTES);
 const MAX_RECORDS: u64 = u32::MAX as u64;
 /// The largest index, 2^24 buckets or 64 MiB, is reached at 2^30 records.
 const MAX_BUCKET_BITS: u32 = 24;
-/// Records on each side of the predicted index that a lookup reads at once:
-/// about 2.7 standard deviations of the prediction's error for a bucket of
-/// 128 records.
-const WINDOW_RECORDS: usize = 12;
 /// Low bits of a record that hold its flags.
 const FLAGS_MASK: u128 = 0xff;
 
@@ -105,10 +101,9 @@ impl Image {
 /// The compiled base of both lists: sorted records and an index over them.
 ///
 /// The index splits the key space into `2^bucket_bits` equal buckets and
-/// stores where each starts. HMAC keys are uniform, so a bucket contains 64
-/// to 128 records, and a lookup reads one index entry and a window of about
-/// 25 records around the key's predicted index, whose cache lines load in
-/// parallel. It allocates nothing and takes no locks.
+/// stores where each starts. HMAC keys are uniform, so a bucket contains
+/// about four records, and a lookup reads one index entry and one or two cache
+/// lines of records. It allocates nothing and takes no locks.
 pub struct ListTable {
     image: Image,
     record_count: usize,
@@ -335,45 +330,40 @@ impl ListTable {
             return 0;
         }
         let records = &self.image.bytes()[HEADER_SIZE_BYTES..];
+        let key_at = |index: usize| {
+            let offset = index * RECORD_SIZE_BYTES;
+            record_from_bytes(&records[offset..offset + RECORD_SIZE_BYTES])
+        };
 
         // Keys are uniform within a bucket, so the key's position in the
-        // bucket's key range predicts its index. For a bucket of n records
-        // the prediction is off by about sqrt(n) / 2 records at most, 4 to 6
-        // for the 64 to 128 records a bucket holds.
+        // bucket's key range predicts its index to within a few records.
+        // Starting there, a lookup usually reads one or two cache lines
+        // instead of scanning or bisecting the bucket.
         let position_in_bucket = (key << self.bucket_bits >> 64) as u64;
         let offset = (u128::from(position_in_bucket) * (end - start) as u128) >> 64;
-        let predicted = start + offset as usize;
-
-        // Rank the key among the records around the prediction by counting
-        // those whose high 64 bits are below the key's. The loads do not
-        // depend on one another, so the window's 6 or 7 cache lines are
-        // fetched from memory in parallel instead of one after another,
-        // and the sorted order makes the count the key's index.
-        let low = predicted.saturating_sub(WINDOW_RECORDS).max(start);
-        let high = (predicted + WINDOW_RECORDS + 1).min(end);
-        let key_high = (key >> 64) as u64;
-        let below = records[low * RECORD_SIZE_BYTES..high * RECORD_SIZE_BYTES]
-            .chunks_exact(RECORD_SIZE_BYTES)
-            .filter(|record| high_word(record) < key_high)
-            .count();
-        let index = low + below;
-        if (below == 0 && low > start) || (index == high && high < end) {
-            // The key sorts outside the window. With uniform keys that is
-            // rare (estimated at under 1 % of lookups from the error bound
-            // above), and clustered keys fall back here often.
-            return flags_by_scan(records, key, predicted, start, end);
+        let mut index = start + offset as usize;
+        let record = key_at(index);
+        if record & !FLAGS_MASK <= key {
+            loop {
+                let record = key_at(index);
+                let record_key = record & !FLAGS_MASK;
+                if record_key == key {
+                    return (record & FLAGS_MASK) as u8;
+                }
+                index += 1;
+                if record_key > key || index == end {
+                    return 0;
+                }
+            }
         }
-        // `index` is the first record whose high word is not below the
-        // key's. Records that share the key's high word follow it in order.
-        for record in records[index * RECORD_SIZE_BYTES..end * RECORD_SIZE_BYTES]
-            .chunks_exact(RECORD_SIZE_BYTES)
-            .map(record_from_bytes)
-        {
+        while index > start {
+            index -= 1;
+            let record = key_at(index);
             let record_key = record & !FLAGS_MASK;
             if record_key == key {
                 return (record & FLAGS_MASK) as u8;
             }
-            if record_key > key {
+            if record_key < key {
                 return 0;
             }
         }
@@ -422,48 +412,6 @@ fn bucket_of(key: u128, bucket_bits: u32) -> usize {
     // A shift by 128 bits (no buckets) would overflow; every key is then in
     // bucket 0.
     key.checked_shr(128 - bucket_bits).unwrap_or(0) as usize
-}
-
-/// Finds `key` among `records[start..end]` by stepping one record at a time
-/// from `predicted`, in the direction the record there points to.
-fn flags_by_scan(records: &[u8], key: u128, predicted: usize, start: usize, end: usize) -> u8 {
-    let key_at = |index: usize| {
-        let offset = index * RECORD_SIZE_BYTES;
-        record_from_bytes(&records[offset..offset + RECORD_SIZE_BYTES])
-    };
-    let mut index = predicted;
-    if key_at(index) & !FLAGS_MASK <= key {
-        loop {
-            let record = key_at(index);
-            let record_key = record & !FLAGS_MASK;
-            if record_key == key {
-                return (record & FLAGS_MASK) as u8;
-            }
-            index += 1;
-            if record_key > key || index == end {
-                return 0;
-            }
-        }
-    }
-    while index > start {
-        index -= 1;
-        let record = key_at(index);
-        let record_key = record & !FLAGS_MASK;
-        if record_key == key {
-            return (record & FLAGS_MASK) as u8;
-        }
-        if record_key < key {
-            return 0;
-        }
-    }
-    0
-}
-
-/// Returns the high 64 bits of a record's key.
-fn high_word(record: &[u8]) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&record[..8]);
-    u64::from_be_bytes(bytes)
 }
 
 fn record_from_bytes(chunk: &[u8]) -> u128 {
@@ -728,41 +676,6 @@ mod tests {
         let mut absent: Vec<u128> = (5_000..6_000u128).map(|n| n << 8).collect();
         absent.extend((0..10_000).map(|_| random_key(&mut state)));
         absent.extend(keys.iter().map(|key| key ^ 0x100));
-        check_against_map(&keys, &absent);
-    }
-
-    #[test]
-    fn lookup_keys_sharing_high_word() {
-        // Keys that differ only below their high 64 bits sort next to each
-        // other, and the window ranks them by the high word alone.
-        let mut state = 3;
-        let mut keys = Vec::new();
-        for _ in 0..2_000 {
-            let high = random_key(&mut state) >> 64 << 64;
-            for low in [0x100u128, 0x200, 0x5500, 0xffff_ff00] {
-                keys.push(high | low);
-            }
-        }
-        let mut absent: Vec<u128> = keys.iter().map(|key| key + 0x100).collect();
-        absent.extend(keys.iter().map(|key| key.wrapping_sub(0x100) & !FLAGS_MASK));
-        absent.retain(|key| !keys.contains(key));
-        check_against_map(&keys, &absent);
-    }
-
-    #[test]
-    fn lookup_at_bucket_edges() {
-        // The smallest and largest keys, and keys just inside them, sit at
-        // the edges of the first and last buckets, where the window is cut
-        // short.
-        let mut state = 4;
-        let mut keys: Vec<u128> = (0..50_000).map(|_| random_key(&mut state)).collect();
-        keys.extend([
-            0x100,
-            (u128::MAX >> 8) << 8,
-            0x200,
-            ((u128::MAX >> 8) - 1) << 8,
-        ]);
-        let absent = [0, 0x300, ((u128::MAX >> 8) - 2) << 8, 0x1_0000_0000];
         check_against_map(&keys, &absent);
     }
 
