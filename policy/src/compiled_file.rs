@@ -9,7 +9,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic, `CDCSPOLC` |
-//! | 8 | 4 | format version, 2 |
+//! | 8 | 4 | format version, 1 |
 //! | 12 | 4 | CRC-32C of the archive |
 //! | 16 | 8 | archive length in bytes |
 //! | 24 | 4 | CRC-32C of bytes 0 to 23 |
@@ -32,11 +32,8 @@ use crate::compiled::Policy;
 use crate::file_io::write_atomically;
 
 const MAGIC: [u8; 8] = *b"CDCSPOLC";
-/// Bump whenever a type archived inside [`Policy`] changes. Version 1 stored
-/// 24-byte suffix table slots keyed by a byte-wise FNV-1a hash. Version 2
-/// stores 16-byte slots keyed by a label-wise hash, so a version 1 file is
-/// rejected and must be compiled again.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// Bump whenever a type archived inside [`Policy`] changes.
+pub(crate) const FORMAT_VERSION: u32 = 1;
 
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = MAGIC_OFFSET + 8;
@@ -189,20 +186,18 @@ mod tests {
         let path = directory.path().join("policy.compiled");
         policy.write_compiled(&path).unwrap();
 
-        // Rewrite the version as an older build wrote it, with a header
-        // checksum that matches, so that only the version is wrong.
+        // Rewrite the version as another build would write it, with a
+        // header checksum that matches, so that only the version is wrong.
+        let other_version = FORMAT_VERSION + 1;
         let mut bytes = std::fs::read(&path).unwrap();
-        bytes[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&1u32.to_le_bytes());
+        bytes[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&other_version.to_le_bytes());
         let header_crc = crc32c::crc32c(&bytes[..HEADER_CRC_OFFSET]);
         bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
         std::fs::write(&path, &bytes).unwrap();
 
         let error = Policy::open_compiled(&path).unwrap_err().to_string();
-        assert!(
-            error.contains("format version 1 is not supported"),
-            "{error}"
-        );
-        assert!(error.contains("reads version 2"), "{error}");
+        let expected = format!("format version {other_version} is not supported");
+        assert!(error.contains(&expected), "{error}");
         assert!(error.contains("compile it again"), "{error}");
     }
 
