@@ -144,9 +144,10 @@ impl Policy {
         // rkyv checks alignment, so copy the archive into an aligned buffer.
         let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
         aligned.extend_from_slice(archive);
-        let policy = rkyv::from_bytes::<Policy, rancor::Error>(&aligned)
+        let mut policy = rkyv::from_bytes::<Policy, rancor::Error>(&aligned)
             .map_err(|error| format!("the archive is not valid: {error}"))?;
         policy.check_tables()?;
+        policy.rebuild_filters();
         Ok(policy)
     }
 }
