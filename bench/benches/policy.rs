@@ -209,14 +209,32 @@ fn rule_toml() -> String {
     text
 }
 
-/// Query names: exact hits, wildcard hits two labels deep, and misses, in
-/// equal parts.
-fn domain_queries() -> Vec<String> {
+/// The kinds of query name that [`domain_queries`] makes.
+#[derive(Clone, Copy)]
+enum QueryMix {
+    /// Exact hits, wildcard hits and misses in turn.
+    All,
+    ExactHits,
+    /// Names two labels below a wildcard rule's name.
+    WildcardHits,
+    /// Names under `example.org`, which no rule covers.
+    Misses,
+}
+
+/// Query names with random rule numbers, so consecutive lookups touch
+/// unrelated parts of the tables.
+fn domain_queries(mix: QueryMix) -> Vec<String> {
     let mut random = SplitMix(7);
     (0..SAMPLED_LOOKUPS)
         .map(|index| {
             let n = random.below(RULE_COUNT);
-            match index % 3 {
+            let kind = match mix {
+                QueryMix::All => index % 3,
+                QueryMix::ExactHits => 0,
+                QueryMix::WildcardHits => 1,
+                QueryMix::Misses => 2,
+            };
+            match kind {
                 0 => format!("partner{}.example", n - n % 4),
                 1 => format!("mx{}.eu.tenant{}.example", n % 10, n - n % 4 + 3),
                 _ => format!("unknown{n}.example.org"),
@@ -266,7 +284,7 @@ fn policy_benches(c: &mut Criterion) {
     );
     drop(parsed);
 
-    let queries = domain_queries();
+    let queries = domain_queries(QueryMix::All);
     let mut group = c.benchmark_group("policy");
     group.measurement_time(Duration::from_secs(10));
     group.sample_size(50);
@@ -288,9 +306,19 @@ fn policy_benches(c: &mut Criterion) {
     });
     group.finish();
 
-    print_latency("policy for_domain 100k rules", &queries, |query| {
-        u64::from(loaded.for_domain(query, Lane::Bulk).rule_id)
-    });
+    let mixes = [
+        ("mixed", QueryMix::All),
+        ("exact hits", QueryMix::ExactHits),
+        ("wildcard hits", QueryMix::WildcardHits),
+        ("misses", QueryMix::Misses),
+    ];
+    for (name, mix) in mixes {
+        let queries = domain_queries(mix);
+        let label = format!("policy for_domain 100k rules, {name}");
+        print_latency(&label, &queries, |query| {
+            u64::from(loaded.for_domain(query, Lane::Bulk).rule_id)
+        });
+    }
 }
 
 // ---- Lists --------------------------------------------------------------
