@@ -7,8 +7,10 @@
 //! random query order:
 //!
 //! - `single`: each lookup is timed alone with two `Instant::now()` calls.
-//!   Those calls cost about as much as a lookup, so an empty timed region is
-//!   measured in the same loop, alternating with the lookups. The line
+//!   Those calls cost about 20 ns on the machine that docs/benchmarks.md
+//!   describes, a third to half of a lookup that hits the caches. So an
+//!   empty timed region is measured in the same loop, alternating with the
+//!   lookups. The line
 //!   prints the raw percentiles, the empty region's percentiles, and
 //!   `corrected`: each raw percentile minus the empty region's median. The
 //!   correction is an estimate, because clock cost and lookup overlap in
