@@ -310,6 +310,13 @@ impl Policy {
         Ok(())
     }
 
+    /// Computes the lookup filters, which compiled files do not store.
+    pub(crate) fn rebuild_filters(&mut self) {
+        self.recipient_domains.rebuild_filter();
+        self.mx_hosts.rebuild_filter();
+        self.sender_domains.rebuild_filter();
+    }
+
     pub(crate) fn sender_rule(&self, sender_domain: &str) -> Option<u32> {
         self.sender_domains.lookup(without_root_dot(sender_domain))
     }

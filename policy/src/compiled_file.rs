@@ -144,9 +144,10 @@ impl Policy {
         // rkyv checks alignment, so copy the archive into an aligned buffer.
         let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
         aligned.extend_from_slice(archive);
-        let policy = rkyv::from_bytes::<Policy, rancor::Error>(&aligned)
+        let mut policy = rkyv::from_bytes::<Policy, rancor::Error>(&aligned)
             .map_err(|error| format!("the archive is not valid: {error}"))?;
         policy.check_tables()?;
+        policy.rebuild_filters();
         Ok(policy)
     }
 }
@@ -176,6 +177,29 @@ mod tests {
         policy.write_compiled(&path).unwrap();
         let error = Policy::open_compiled(&path).unwrap_err().to_string();
         assert!(error.contains("effective rules for 1 rules"), "{error}");
+    }
+
+    #[test]
+    fn open_rejects_other_version() {
+        let config = parse_config(CONFIG, "test.toml").unwrap();
+        let policy = Policy::compile(&config).unwrap();
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("policy.compiled");
+        policy.write_compiled(&path).unwrap();
+
+        // Rewrite the version as another build would write it, with a
+        // header checksum that matches, so that only the version is wrong.
+        let other_version = FORMAT_VERSION + 1;
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&other_version.to_le_bytes());
+        let header_crc = crc32c::crc32c(&bytes[..HEADER_CRC_OFFSET]);
+        bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+
+        let error = Policy::open_compiled(&path).unwrap_err().to_string();
+        let expected = format!("format version {other_version} is not supported");
+        assert!(error.contains(&expected), "{error}");
+        assert!(error.contains("compile it again"), "{error}");
     }
 
     #[test]

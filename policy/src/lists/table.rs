@@ -101,9 +101,9 @@ impl Image {
 /// The compiled base of both lists: sorted records and an index over them.
 ///
 /// The index splits the key space into `2^bucket_bits` equal buckets and
-/// stores where each starts. HMAC keys are uniform, so a bucket contains
-/// about four records, and a lookup reads one index entry and one or two cache
-/// lines of records. It allocates nothing and takes no locks.
+/// stores where each starts. HMAC keys are uniform, so a bucket contains 64
+/// to 128 records, and a lookup reads one index entry and usually one or two
+/// cache lines of records. It allocates nothing and takes no locks.
 pub struct ListTable {
     image: Image,
     record_count: usize,
@@ -676,6 +676,40 @@ mod tests {
         let mut absent: Vec<u128> = (5_000..6_000u128).map(|n| n << 8).collect();
         absent.extend((0..10_000).map(|_| random_key(&mut state)));
         absent.extend(keys.iter().map(|key| key ^ 0x100));
+        check_against_map(&keys, &absent);
+    }
+
+    #[test]
+    fn lookup_keys_sharing_high_word() {
+        // Keys that differ only in their low 64 bits sort next to each
+        // other in one bucket.
+        let mut state = 3;
+        let mut keys = Vec::new();
+        for _ in 0..2_000 {
+            let high = random_key(&mut state) >> 64 << 64;
+            for low in [0x100u128, 0x200, 0x5500, 0xffff_ff00] {
+                keys.push(high | low);
+            }
+        }
+        let mut absent: Vec<u128> = keys.iter().map(|key| key + 0x100).collect();
+        absent.extend(keys.iter().map(|key| key.wrapping_sub(0x100) & !FLAGS_MASK));
+        absent.retain(|key| !keys.contains(key));
+        check_against_map(&keys, &absent);
+    }
+
+    #[test]
+    fn lookup_at_table_edges() {
+        // The smallest and largest keys sit at the ends of the first and
+        // last buckets, where a scan must stop at the table's edge.
+        let mut state = 4;
+        let mut keys: Vec<u128> = (0..50_000).map(|_| random_key(&mut state)).collect();
+        keys.extend([
+            0x100,
+            (u128::MAX >> 8) << 8,
+            0x200,
+            ((u128::MAX >> 8) - 1) << 8,
+        ]);
+        let absent = [0, 0x300, ((u128::MAX >> 8) - 2) << 8, 0x1_0000_0000];
         check_against_map(&keys, &absent);
     }
 
