@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 
@@ -46,6 +48,19 @@ fn control_events(state: &Path, event: &str) -> Vec<serde_json::Value> {
         .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("audit line is JSON"))
         .filter(|record| record["event"] == event)
         .collect()
+}
+
+/// Sends one raw JSON line to the control socket and returns the reply.
+fn control_request(socket: &Path, request: &str) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).expect("connect to the control socket");
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .expect("write the request");
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .expect("read the reply");
+    serde_json::from_str(&line).expect("the reply is JSON")
 }
 
 /// Starts an engine whose `held.test` mail stays queued, submits one
@@ -160,6 +175,31 @@ fn show_running_then_stopped_engine() {
     assert!(
         stderr.contains("invalid message id \"not-an-id\""),
         "{stderr}"
+    );
+
+    // Requests that bypass the CLI's own checks.
+    let socket = engine.state_dir().join("run").join("control.sock");
+    let cases = [
+        (r#"{"command":"spool.show"}"#, "invalid message id \"\""),
+        (
+            r#"{"command":"spool.show","message_id":"zz"}"#,
+            "invalid message id \"zz\"",
+        ),
+        (
+            r#"{"command":"spool.show","message_id":12345,"content":true}"#,
+            "invalid message id \"\"",
+        ),
+    ];
+    for (request, expected) in cases {
+        let response = control_request(&socket, request);
+        assert_eq!(response["ok"], false, "{request}: {response}");
+        let error = response["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{request}: {response}");
+        assert!(response.get("message").is_none(), "{request}: {response}");
+    }
+    assert_eq!(
+        control_events(engine.state_dir(), "content_viewed").len(),
+        1
     );
 
     engine.sigterm().expect("SIGTERM");
