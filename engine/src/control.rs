@@ -23,6 +23,7 @@ use caduceus_policy::lists::{
     Change, ChangeOp, Entry, ImportList, ImportOptions, ListStore, Reason, import_csv,
 };
 use caduceus_policy::{SiteKey, normalise_address};
+use caduceus_spool::MessageId;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::{Value, json};
 
@@ -37,6 +38,12 @@ pub enum ControlCommand {
     Release(String),
     Delete(String),
     Requeue(String),
+    /// `spool.show`: the executor whose queue holds the message answers
+    /// with its envelope view, and with its content when `content` is set.
+    Show {
+        message_id: MessageId,
+        content: bool,
+    },
 }
 
 pub struct ControlRequest {
@@ -199,6 +206,10 @@ impl ControlPlane {
                 }
             };
         }
+        if command == "spool.show" {
+            self.audit(uid, command, None, None);
+            return self.show_message(request, uid);
+        }
         self.audit(uid, command, destination.as_deref(), None);
         let needs_destination = |build: fn(String) -> ControlCommand| match &destination {
             Some(domain) if !domain.is_empty() => Ok(build(domain.clone())),
@@ -214,7 +225,7 @@ impl ControlPlane {
             "queue.requeue" => needs_destination(ControlCommand::Requeue),
             "ping" => return json!({"ok": true}),
             other => {
-                return json!({"ok": false, "error": format!("unknown command {other:?}; expected queue.list, queue.hold, queue.release, queue.delete, queue.requeue, suppress.add, suppress.remove, suppress.check, suppress.import, consent.add, consent.remove, consent.check, consent.import, policy.reload or ping")});
+                return json!({"ok": false, "error": format!("unknown command {other:?}; expected queue.list, queue.hold, queue.release, queue.delete, queue.requeue, suppress.add, suppress.remove, suppress.check, suppress.import, consent.add, consent.remove, consent.check, consent.import, policy.reload, spool.show or ping")});
             }
         };
         let executor_command = match executor_command {
@@ -349,6 +360,90 @@ impl ControlPlane {
             }
             Err(error) => json!({"ok": false, "error": format!("import failed: {error}")}),
         }
+    }
+
+    /// Runs `spool.show`: asks every executor, takes the owner's answer,
+    /// and audits the view before returning it. The view is withheld when
+    /// its audit record cannot be written and synced.
+    fn show_message(&self, request: &Value, uid: u32) -> Value {
+        let text = request
+            .get("message_id")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let message_id = match text.parse::<MessageId>() {
+            Ok(message_id) => message_id,
+            Err(error) => return json!({"ok": false, "error": error.to_string()}),
+        };
+        let content = request
+            .get("content")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let answers = self.broadcast(ControlCommand::Show {
+            message_id,
+            content,
+        });
+        let owner = answers
+            .iter()
+            .find(|answer| answer.get("found").and_then(Value::as_bool) == Some(true));
+        let Some(owner) = owner else {
+            if answers.len() < self.executors.len()
+                || answers.iter().any(|answer| answer.get("found").is_none())
+            {
+                return json!({"ok": false, "error": format!("message {message_id} was not found, but not every executor answered; retry, and check the engine log if this repeats")});
+            }
+            return json!({"ok": false, "error": format!("message {message_id} is not in the running engine's queue: it was never accepted, or every recipient is final (delivered, bounced, expired or deleted)")});
+        };
+        if let Some(error) = owner.get("error").and_then(Value::as_str) {
+            return json!({"ok": false, "error": error});
+        }
+        let shard = owner
+            .get("core")
+            .and_then(Value::as_u64)
+            .and_then(|core| u16::try_from(core).ok())
+            .unwrap_or(u16::MAX);
+        if let Err(error) = self.audit_message_viewed(uid, message_id, shard, content) {
+            return json!({"ok": false, "error": format!("the view of message {message_id} is withheld because its audit record could not be written: {error}")});
+        }
+        tracing::info!(
+            message_id = %message_id,
+            operator_uid = uid,
+            shard,
+            content,
+            "control: spooled message shown to an operator"
+        );
+        json!({"ok": true, "message": owner["message"]})
+    }
+
+    /// Writes and syncs an `envelope_viewed` or `content_viewed` record in
+    /// the control stream, or in the plain audit file when the audit trail
+    /// is off.
+    fn audit_message_viewed(
+        &self,
+        uid: u32,
+        message_id: MessageId,
+        shard: u16,
+        content: bool,
+    ) -> Result<(), String> {
+        let message_id = message_id.to_string();
+        if let Some(result) = crate::audit::message_viewed(uid, &message_id, shard, content) {
+            return result;
+        }
+        let line = json!({
+            "at_us": now_us(),
+            "event": if content { "content_viewed" } else { "envelope_viewed" },
+            "operator_uid": uid,
+            "message_id": message_id,
+            "shard": shard,
+        });
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.audit_file)
+            .and_then(|mut file| {
+                file.write_all(format!("{line}\n").as_bytes())?;
+                file.sync_data()
+            })
+            .map_err(|error| format!("{}: {error}", self.audit_file.display()))
     }
 
     fn broadcast(&self, command: ControlCommand) -> Vec<Value> {

@@ -18,4 +18,5 @@ pub mod runtime;
 pub mod shard;
 pub mod sink;
 pub mod smtp;
+pub mod spool_show;
 pub mod webhook;

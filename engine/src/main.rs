@@ -61,7 +61,7 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
-    /// Inspect the spool of a stopped engine.
+    /// Inspect the spool of a stopped engine, or show one message.
     Spool {
         #[command(subcommand)]
         action: SpoolAction,
@@ -150,6 +150,17 @@ enum SpoolAction {
     /// Check every record's checksum and decrypt every payload; exits 1 when
     /// any record is damaged or cannot be opened.
     Verify,
+    /// One message's envelope: lane, category, sender, each recipient's
+    /// state, sizes, times, attempts and record location. Asks the running
+    /// engine when there is one, otherwise reads the spool files.
+    Show {
+        /// The message id, 32 hex digits as logs and `spool ls` show it.
+        id: String,
+        /// Also print the decrypted message. Needs the running engine,
+        /// which writes a `content_viewed` audit record first.
+        #[arg(long)]
+        content: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -371,6 +382,9 @@ fn control_request(
 fn spool(action: SpoolAction, config_path: Option<&Path>) -> Result<(), String> {
     use caduceus_spool::inspect::{RecordSummary, scan};
     let config = read_config(config_path)?;
+    if let SpoolAction::Show { id, content } = &action {
+        return caduceus_engine::spool_show::run(&config, id, *content);
+    }
     let keyring = runtime::load_keyring(&config)?;
     let dir = config.spool_dir();
     let records = scan(&dir, keyring.as_ref()).map_err(|error| error.to_string())?;
@@ -502,6 +516,7 @@ fn spool(action: SpoolAction, config_path: Option<&Path>) -> Result<(), String> 
             }
             Ok(())
         }
+        SpoolAction::Show { .. } => unreachable!("spool show returned above"),
     }
 }
 

@@ -93,6 +93,8 @@
 //! |     28 |    1 | outcome: 1 deferred, 2 delivered, 3 bounced, 4 expired |
 //! |     29 |    3 | reserved, zero                                   |
 
+use std::ops::Range;
+
 use caduceus_policy::{Category, Lane};
 use ring::aead::{Aad, LessSafeKey, NONCE_LEN, Nonce, Tag};
 use rkyv::util::AlignedVec;
@@ -802,13 +804,25 @@ impl<'a> CheckedRecord<'a> {
     /// Decrypts (or copies) the payload into an aligned buffer, so the rkyv
     /// archive inside it can be validated in place.
     pub fn open(&self, keyring: Option<&Keyring>) -> Result<AlignedVec, OpenError> {
+        let mut plain = AlignedVec::<RECORD_ALIGN>::new();
+        self.open_into(keyring, &mut plain)?;
+        Ok(plain)
+    }
+
+    /// Like [`CheckedRecord::open`], but replaces the contents of `plain`,
+    /// so a scan of many records reuses one allocation.
+    pub fn open_into(
+        &self,
+        keyring: Option<&Keyring>,
+        plain: &mut AlignedVec,
+    ) -> Result<(), OpenError> {
         let header = &self.header;
         let payload_end = RECORD_HEADER_BYTES + header.payload_length_bytes as usize;
         let payload = &self.bytes[RECORD_HEADER_BYTES..payload_end];
-        let mut plain = AlignedVec::<RECORD_ALIGN>::with_capacity(payload.len());
+        plain.clear();
         plain.extend_from_slice(payload);
         if header.key_id == 0 {
-            return Ok(plain);
+            return Ok(());
         }
         let keyring = keyring.ok_or(OpenError::NoKeyring)?;
         let key = keyring
@@ -824,7 +838,7 @@ impl<'a> CheckedRecord<'a> {
             .map_err(|_| OpenError::Unauthentic)?
             .len();
         plain.resize(plain_length, 0);
-        Ok(plain)
+        Ok(())
     }
 }
 
@@ -849,11 +863,31 @@ pub fn decode_message(
         RecordKind::Message => {
             let (envelope, body, _) =
                 decode_message_parts(header, plain, MESSAGE_ARCHIVE_OFFSET, 0)?;
-            Ok((envelope, body))
+            Ok((envelope, plain[body].to_vec()))
         }
         RecordKind::Relocated => {
             let relocated = decode_relocated(header, plain)?;
             Ok((relocated.envelope, relocated.body))
+        }
+        RecordKind::Outcome => Err("an outcome record holds no message".into()),
+    }
+}
+
+/// Decodes the envelope of a message or relocated message payload without
+/// copying the body, for recovery, which never needs it. For a relocated
+/// record it also returns the recipients' states, and `None` for an original.
+pub fn decode_envelope(
+    header: &RecordHeader,
+    plain: &AlignedVec,
+) -> Result<(Envelope, Option<Vec<RecipientState>>), String> {
+    match header.kind {
+        RecordKind::Message => {
+            let (envelope, _, _) = decode_message_parts(header, plain, MESSAGE_ARCHIVE_OFFSET, 0)?;
+            Ok((envelope, None))
+        }
+        RecordKind::Relocated => {
+            let (envelope, states, _) = decode_relocated_parts(header, plain)?;
+            Ok((envelope, Some(states)))
         }
         RecordKind::Outcome => Err("an outcome record holds no message".into()),
     }
@@ -864,6 +898,24 @@ pub fn decode_relocated(
     header: &RecordHeader,
     plain: &AlignedVec,
 ) -> Result<RelocatedMessage, String> {
+    let (envelope, states, body) = decode_relocated_parts(header, plain)?;
+    Ok(RelocatedMessage {
+        envelope,
+        body: plain[body].to_vec(),
+        previous: RecordRef {
+            segment: read_u32(plain, RELOCATED_PREVIOUS_SEGMENT_OFFSET),
+            offset: read_u64(plain, RELOCATED_PREVIOUS_OFFSET_OFFSET),
+        },
+        states,
+    })
+}
+
+/// Decodes a relocated payload's envelope and states, and returns where
+/// its body lies in `plain`.
+fn decode_relocated_parts(
+    header: &RecordHeader,
+    plain: &AlignedVec,
+) -> Result<(Envelope, Vec<RecipientState>, Range<usize>), String> {
     if header.kind != RecordKind::Relocated {
         return Err("not a relocated message record".into());
     }
@@ -874,15 +926,7 @@ pub fn decode_relocated(
         .chunks_exact(STATE_ENTRY_BYTES)
         .map(decode_state)
         .collect::<Result<Vec<_>, String>>()?;
-    Ok(RelocatedMessage {
-        envelope,
-        body,
-        previous: RecordRef {
-            segment: read_u32(plain, RELOCATED_PREVIOUS_SEGMENT_OFFSET),
-            offset: read_u64(plain, RELOCATED_PREVIOUS_OFFSET_OFFSET),
-        },
-        states,
-    })
+    Ok((envelope, states, body))
 }
 
 fn encode_state(state: RecipientState) -> [u8; STATE_ENTRY_BYTES] {
@@ -921,13 +965,14 @@ fn decode_state(entry: &[u8]) -> Result<RecipientState, String> {
 
 /// Decodes the archive and body that follow a payload prefix of
 /// `archive_offset` bytes, with `trailer_bytes` after the body. Returns the
-/// envelope, the body and the offset where the trailer starts.
+/// envelope, the body's range in `plain` and the offset where the trailer
+/// starts.
 fn decode_message_parts(
     header: &RecordHeader,
     plain: &AlignedVec,
     archive_offset: usize,
     trailer_bytes: usize,
-) -> Result<(Envelope, Vec<u8>, usize), String> {
+) -> Result<(Envelope, Range<usize>, usize), String> {
     if plain.len() < archive_offset {
         return Err(format!(
             "message payload of {} bytes is too short",
@@ -993,7 +1038,7 @@ fn decode_message_parts(
             .collect(),
     };
     let body_end = archive_end + body_length;
-    Ok((envelope, plain[archive_end..body_end].to_vec(), body_end))
+    Ok((envelope, archive_end..body_end, body_end))
 }
 
 /// Decodes an outcome payload produced by [`CheckedRecord::open`].

@@ -8,7 +8,7 @@ use crate::error::{ReadError, SpoolError};
 use crate::format::{OpenError, RecordKind, decode_message, decode_outcome, decode_relocated};
 use crate::scan::{HeaderProblem, scan_segment};
 use crate::storage::{FileStorage, Segment, parse_segment_file_name};
-use crate::{Keyring, Outcome, RecordRef, StoredMessage};
+use crate::{Envelope, Keyring, MessageId, Outcome, RecipientState, RecordRef, StoredMessage};
 
 /// A record's kind and content, as far as the given keyring can open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +189,134 @@ pub fn scan(dir: &Path, keyring: Option<&Keyring>) -> Result<Vec<InspectedRecord
     }
     found.sort_by_key(|record| (record.shard, record.record));
     Ok(found)
+}
+
+/// One copy of a message found by [`find_message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundMessage {
+    pub shard: u16,
+    pub record: RecordRef,
+    /// 0 when the payload is not encrypted.
+    pub key_id: u32,
+    /// The record's length on disk, header, tag and padding included.
+    pub record_bytes: u64,
+    pub body_bytes: u64,
+    pub envelope: Envelope,
+    /// Each recipient's state in envelope order, folded from the outcome
+    /// records that follow this copy.
+    pub states: Vec<RecipientState>,
+}
+
+/// What [`find_message`] found.
+#[derive(Debug, Clone, Default)]
+pub struct FindReport {
+    /// The latest copy of the message in each shard that holds one; usually
+    /// one. A second shard holds a copy only when a crash interrupted the
+    /// adoption of an orphaned shard.
+    pub copies: Vec<FoundMessage>,
+    /// Records whose payload could not be opened (no key, wrong key or
+    /// damage), so they may belong to the message without being seen.
+    pub unreadable_records: u64,
+}
+
+/// Finds a message by id in every shard of a stopped engine's spool, for
+/// `caduceus spool show`, and folds its outcome records into per-recipient
+/// states the way recovery does. The body is decrypted to learn its size
+/// but not returned. Nothing is written.
+pub fn find_message(
+    dir: &Path,
+    message_id: MessageId,
+    keyring: Option<&Keyring>,
+) -> Result<FindReport, SpoolError> {
+    let mut report = FindReport::default();
+    let mut current: Option<FoundMessage> = None;
+    let mut current_shard = None;
+    for (shard, id, path) in segment_files(dir)? {
+        if current_shard != Some(shard) {
+            report.copies.extend(current.take());
+            current_shard = Some(shard);
+        }
+        let segment = FileStorage::new(dir, shard)
+            .open_read_only(id)
+            .map_err(|source| SpoolError::Io {
+                operation: "opening a segment",
+                path: path.clone(),
+                source,
+            })?;
+        segment.read(0, segment.len_bytes(), |bytes| {
+            scan_segment(bytes, |offset, record| {
+                let header = record.header;
+                let Ok(plain) = record.open(keyring) else {
+                    report.unreadable_records += 1;
+                    return;
+                };
+                let location = RecordRef {
+                    segment: id,
+                    offset,
+                };
+                let decoded = match header.kind {
+                    RecordKind::Message => {
+                        decode_message(&header, &plain).map(|(envelope, body)| {
+                            let pending = RecipientState::Pending {
+                                attempts: 0,
+                                next_attempt_us: 0,
+                            };
+                            let states = vec![pending; envelope.recipients.len()];
+                            (envelope, body.len(), states)
+                        })
+                    }
+                    RecordKind::Relocated => decode_relocated(&header, &plain)
+                        .map(|copy| (copy.envelope, copy.body.len(), copy.states)),
+                    RecordKind::Outcome => {
+                        match (decode_outcome(&plain), current.as_mut()) {
+                            (Ok(outcome), Some(found)) if outcome.message == found.record => {
+                                if let Some(state) =
+                                    found.states.get_mut(outcome.recipient_index as usize)
+                                {
+                                    *state = state_after(outcome.outcome, outcome.attempts);
+                                }
+                            }
+                            (Ok(_), _) => {}
+                            (Err(_), _) => report.unreadable_records += 1,
+                        }
+                        return;
+                    }
+                };
+                match decoded {
+                    // A relocated copy replaces the earlier one, and the
+                    // outcomes that follow it refer to its new location.
+                    Ok((envelope, body_bytes, states)) if envelope.message_id == message_id => {
+                        current = Some(FoundMessage {
+                            shard,
+                            record: location,
+                            key_id: header.key_id,
+                            record_bytes: u64::from(header.length_bytes),
+                            body_bytes: body_bytes as u64,
+                            envelope,
+                            states,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => report.unreadable_records += 1,
+                }
+            });
+        });
+    }
+    report.copies.extend(current);
+    Ok(report)
+}
+
+/// Returns a recipient's state after an outcome record.
+fn state_after(outcome: Outcome, attempts: u32) -> RecipientState {
+    match outcome {
+        Outcome::Deferred { next_attempt_us } => RecipientState::Pending {
+            attempts,
+            next_attempt_us,
+        },
+        Outcome::Delivered => RecipientState::Delivered,
+        Outcome::Bounced => RecipientState::Bounced,
+        Outcome::Expired => RecipientState::Expired,
+    }
 }
 
 /// Reads one message for `caduceus spool show`. The caller audits the read,

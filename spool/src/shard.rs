@@ -19,7 +19,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::commit_stats::CommitStats;
 use crate::error::{AppendError, CommitError, ReadError, SpoolError};
 use crate::format::{
-    BuildError, OpenError, OutcomeRecord, RecordBuilder, SEALED_OUTCOME_RECORD_BYTES,
+    BuildError, OpenError, OutcomeRecord, RecordBuilder, RecordHeader, SEALED_OUTCOME_RECORD_BYTES,
     SEGMENT_HEADER_BYTES, Sealing, SegmentHeader, UncheckedRecord, decode_message,
 };
 use crate::storage::{FileStorage, Segment, Storage};
@@ -383,6 +383,15 @@ impl<S: Storage + 'static> Shard<S> {
 
     /// Reads a message record back and decrypts it.
     pub fn read_message(&self, record: RecordRef) -> Result<StoredMessage, ReadError> {
+        self.inspect_message(record).map(|(_, message)| message)
+    }
+
+    /// Reads a message record back and decrypts it, returning its clear
+    /// header too (key id and record length), for `caduceus spool show`.
+    pub fn inspect_message(
+        &self,
+        record: RecordRef,
+    ) -> Result<(RecordHeader, StoredMessage), ReadError> {
         let inner = &self.inner;
         let segments = inner.segments.borrow();
         let entry = segments.get(&record.segment).ok_or(ReadError::NoSegment {
@@ -407,7 +416,7 @@ impl<S: Storage + 'static> Shard<S> {
                 .open(inner.keyring.as_ref())
                 .map_err(|error| open_error(record, error))?;
             let (envelope, body) = decode_message(&checked.header, &plain).map_err(invalid)?;
-            Ok(StoredMessage { envelope, body })
+            Ok((checked.header, StoredMessage { envelope, body }))
         })
     }
 

@@ -77,6 +77,22 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         address_hmac: Option<String>,
     },
+    /// An operator was shown a spooled message's envelope with `caduceus
+    /// spool show`: addresses, states and sizes, but no content.
+    EnvelopeViewed {
+        operator_uid: u32,
+        message_id: String,
+        /// The spool shard that holds the message.
+        shard: u16,
+    },
+    /// An operator was shown a spooled message's decrypted content with
+    /// `caduceus spool show --content`. The content itself is never
+    /// recorded.
+    ContentViewed {
+        operator_uid: u32,
+        message_id: String,
+        shard: u16,
+    },
     /// Files past the retention period were deleted.
     RetentionDeleted {
         files: Vec<String>,
@@ -455,6 +471,48 @@ pub fn admin(
             tracing::error!(operator_uid, command, %error, "audit: admin record failed to write");
         }
         true
+    })
+}
+
+/// Records that an operator was shown a spooled message (its content when
+/// `content` is true) and syncs the record. Returns `None` when this thread
+/// has no control stream (auditing off). The caller must not show the
+/// message when this returns an error.
+pub fn message_viewed(
+    operator_uid: u32,
+    message_id: &str,
+    shard: u16,
+    content: bool,
+) -> Option<Result<(), String>> {
+    CONTROL.with(|control| {
+        let mut control = control.borrow_mut();
+        let writer = control.as_mut()?;
+        let event = if content {
+            AuditEvent::ContentViewed {
+                operator_uid,
+                message_id: message_id.to_string(),
+                shard,
+            }
+        } else {
+            AuditEvent::EnvelopeViewed {
+                operator_uid,
+                message_id: message_id.to_string(),
+                shard,
+            }
+        };
+        let result = writer
+            .stage(&event, now_us())
+            .and_then(|_| writer.write_and_sync())
+            .map_err(|error| error.to_string());
+        if let Err(error) = &result {
+            tracing::error!(
+                message_id,
+                operator_uid,
+                %error,
+                "audit: message view record failed to write"
+            );
+        }
+        Some(result)
     })
 }
 

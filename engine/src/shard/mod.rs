@@ -24,7 +24,9 @@ use arc_swap::ArcSwap;
 use caduceus_policy::config::Config;
 use caduceus_policy::lists::Change;
 use caduceus_policy::{Lane, Lists, Policy, SiteKey};
-use caduceus_spool::{Keyring, RecordRef, Shard as SpoolShard, SpoolOptions, SpoolReader};
+use caduceus_spool::{
+    Keyring, MessageId, RecordRef, Shard as SpoolShard, SpoolOptions, SpoolReader,
+};
 use glommio::{Latency, Shares, TaskQueueHandle};
 
 use crate::control::{ControlCommand, ControlRequest};
@@ -33,6 +35,7 @@ use crate::deliverylog::{DeliveryLog, now_us};
 use crate::dns::Resolver;
 use crate::outbound::TlsContext;
 use crate::policy_swap::PolicyCell;
+use crate::spool_show::{RecordFacts, envelope_view};
 use queue::{Queue, QueuedMessage};
 
 /// Everything an executor needs to start, built on the main thread.
@@ -501,10 +504,53 @@ fn handle_control(shard: &Rc<Shard>, request: ControlRequest) {
             let count = deliver::delete_domain(shard, domain);
             serde_json::json!({"core": shard.index, "deleted": count})
         }
+        ControlCommand::Show {
+            message_id,
+            content,
+        } => show_message(shard, *message_id, *content),
     };
     // The requester may have given up waiting; a closed reply channel is
     // not an error here.
     let _ = request.reply.send(response);
+}
+
+/// Answers `spool.show` for this executor: `found: false` unless its queue
+/// holds the message. The owner reads its own record, so the key id, sizes
+/// and (for `content`) the body come from the spool, and the recipient
+/// states from the queue, which is ahead of the spool by at most the
+/// outcomes not yet committed.
+fn show_message(shard: &Shard, message_id: MessageId, content: bool) -> serde_json::Value {
+    // A linear search, because the queue is keyed by record location. It
+    // runs once per operator command.
+    let found = shard
+        .queue
+        .borrow()
+        .messages
+        .iter()
+        .find(|(_, message)| message.envelope.message_id == message_id)
+        .map(|(record, message)| (*record, message.states.clone()));
+    let Some((record, states)) = found else {
+        return serde_json::json!({"core": shard.index, "found": false});
+    };
+    let (header, stored) = match shard.spool.inspect_message(record) {
+        Ok(read) => read,
+        Err(error) => {
+            tracing::error!(core = shard.index, %message_id, %record, %error, "spool: show could not read a queued message's record");
+            return serde_json::json!({
+                "core": shard.index,
+                "found": true,
+                "error": format!("message {message_id} is queued on core {} but its record {record} could not be read: {error}", shard.index),
+            });
+        }
+    };
+    let facts = RecordFacts::from_header(shard.index, record, &header, stored.body.len() as u64);
+    let mut view = envelope_view(&facts, &stored.envelope, &states);
+    if content {
+        use base64::Engine as _;
+        view["content_base64"] =
+            serde_json::json!(base64::engine::general_purpose::STANDARD.encode(&stored.body));
+    }
+    serde_json::json!({"core": shard.index, "found": true, "message": view})
 }
 
 /// Where the spool keeps its files, for `caduceus spool` commands.

@@ -20,8 +20,8 @@ use std::time::Instant;
 use super::{LiveMessage, SegmentEntry};
 use crate::error::SpoolError;
 use crate::format::{
-    OpenError, RecordKind, SEALED_OUTCOME_RECORD_BYTES, SEGMENT_HEADER_BYTES, decode_message,
-    decode_outcome, decode_relocated,
+    OpenError, RecordKind, SEALED_OUTCOME_RECORD_BYTES, SEGMENT_HEADER_BYTES, decode_envelope,
+    decode_outcome,
 };
 use crate::scan::{HeaderProblem, scan_segment};
 use crate::storage::{Segment, Storage};
@@ -29,6 +29,7 @@ use crate::{
     Envelope, Keyring, MessageId, Outcome, RecipientState, RecordRef, RecoveredMessage,
     RecoveryReport,
 };
+use rkyv::util::AlignedVec;
 
 pub(super) struct Recovered<G> {
     pub(super) segments: BTreeMap<u32, SegmentEntry<G>>,
@@ -90,14 +91,16 @@ pub(super) async fn recover<S: Storage>(
             .map_err(io_error("opening a segment", Some(id)))?;
         report.segments += 1;
         let mut contributed = SegmentRecords::default();
+        // One decryption buffer for the whole segment, not one per record.
+        let mut plain = AlignedVec::new();
         let scan = segment.read(0, segment.len_bytes(), |bytes| {
             scan_segment(bytes, |offset, record| {
                 let location = RecordRef {
                     segment: id,
                     offset,
                 };
-                let plain = match record.open(keyring) {
-                    Ok(plain) => plain,
+                match record.open_into(keyring, &mut plain) {
+                    Ok(()) => {}
                     Err(OpenError::NoKeyring | OpenError::MissingKey(_)) => {
                         contributed.missing_key.get_or_insert(record.header.key_id);
                         return;
@@ -115,8 +118,8 @@ pub(super) async fn recover<S: Storage>(
                     }
                 };
                 match record.header.kind {
-                    RecordKind::Message => match decode_message(&record.header, &plain) {
-                        Ok((envelope, _body)) => {
+                    RecordKind::Message => match decode_envelope(&record.header, &plain) {
+                        Ok((envelope, _)) => {
                             contributed.records += 1;
                             let states = vec![
                                 RecipientState::Pending {
@@ -140,10 +143,12 @@ pub(super) async fn recover<S: Storage>(
                         }
                         Err(reason) => contributed.quarantined.push((offset, reason)),
                     },
-                    RecordKind::Relocated => match decode_relocated(&record.header, &plain) {
-                        Ok(copy) => {
+                    RecordKind::Relocated => match decode_envelope(&record.header, &plain) {
+                        Ok((envelope, states)) => {
                             contributed.records += 1;
-                            let envelope = copy.envelope;
+                            // `decode_envelope` returns states for every
+                            // relocated record.
+                            let states = states.unwrap_or_default();
                             if let Some(older) = latest_copy.insert(envelope.message_id, location)
                                 && found.remove(&older).is_some()
                             {
@@ -154,7 +159,7 @@ pub(super) async fn recover<S: Storage>(
                                 location,
                                 Found {
                                     envelope,
-                                    states: copy.states,
+                                    states,
                                     outcome_segments: Vec::new(),
                                     record_bytes: record.bytes.len() as u64,
                                 },
