@@ -197,6 +197,9 @@ struct LaneOverrides {
     allowed_gids: Option<Vec<u32>>,
     default_category: Option<Category>,
     source_addresses: Option<Vec<IpAddr>>,
+    source_rate: Option<f64>,
+    source_burst: Option<u32>,
+    source_max_connections: Option<u32>,
     helo_name: Option<String>,
     max_queue_lifetime: Option<ConfigDuration>,
     retry_schedule: Option<Vec<ConfigDuration>>,
@@ -214,6 +217,11 @@ impl LaneOverrides {
             allowed_gids: self.allowed_gids.unwrap_or(defaults.allowed_gids),
             default_category: self.default_category.unwrap_or(defaults.default_category),
             source_addresses: self.source_addresses.unwrap_or(defaults.source_addresses),
+            source_rate: self.source_rate.or(defaults.source_rate),
+            source_burst: self.source_burst.or(defaults.source_burst),
+            source_max_connections: self
+                .source_max_connections
+                .or(defaults.source_max_connections),
             helo_name: self.helo_name.or(defaults.helo_name),
             max_queue_lifetime: self
                 .max_queue_lifetime
@@ -274,6 +282,18 @@ pub struct LaneConfig {
     /// choice.
     #[serde(default)]
     pub source_addresses: Vec<IpAddr>,
+    /// Messages per second that each source address sends, over all
+    /// destinations together; `None` means unlimited.
+    #[serde(default)]
+    pub source_rate: Option<f64>,
+    /// Messages each source address's token bucket holds; one second's
+    /// worth of `source_rate` when `None`.
+    #[serde(default)]
+    pub source_burst: Option<u32>,
+    /// Connections open at once from each source address, over all
+    /// destinations together; `None` means unlimited.
+    #[serde(default)]
+    pub source_max_connections: Option<u32>,
     /// EHLO name for this lane's connections; default `hostname`.
     #[serde(default)]
     pub helo_name: Option<String>,
@@ -337,6 +357,9 @@ impl LaneConfig {
             allowed_gids: Vec::new(),
             default_category,
             source_addresses: Vec::new(),
+            source_rate: None,
+            source_burst: None,
+            source_max_connections: None,
             helo_name: None,
             max_queue_lifetime: ConfigDuration::from_secs(lifetime_secs),
             retry_schedule: schedule_secs

@@ -226,6 +226,29 @@ fn check_lane(lane: Lane, lane_config: &LaneConfig, issues: &mut Vec<Issue>) {
             format!("{helo_name:?} is not a valid host name: {reason}"),
         );
     }
+    check_rate_pair(
+        lane_config.source_rate,
+        lane_config.source_burst,
+        &path,
+        ("source_rate", "source_burst"),
+        issues,
+    );
+    if lane_config.source_max_connections == Some(0) {
+        issue(
+            issues,
+            path.key("source_max_connections"),
+            "must be at least 1 connection; remove the key for no limit",
+        );
+    }
+    let source_limits =
+        lane_config.source_rate.is_some() || lane_config.source_max_connections.is_some();
+    if source_limits && lane_config.source_addresses.is_empty() {
+        issue(
+            issues,
+            path.key("source_addresses"),
+            "is empty, so source_rate and source_max_connections have no address to apply to; list the lane's source addresses or remove those keys",
+        );
+    }
     check_nonzero_duration(
         issues,
         path.key("max_queue_lifetime"),
@@ -542,13 +565,28 @@ fn check_rule_settings(
 
 /// Checks `rate` and `burst`; returns the bucket size.
 fn check_rate(rule: &RuleConfig, path: &KeyPath, issues: &mut Vec<Issue>) -> u32 {
-    match (rule.rate, rule.burst) {
+    check_rate_pair(rule.rate, rule.burst, path, ("rate", "burst"), issues)
+}
+
+/// Checks a rate and its burst under the keys `names` of `path`; returns
+/// the bucket size, one second's worth of the rate when no burst is given.
+pub(crate) fn check_rate_pair(
+    rate: Option<f64>,
+    burst: Option<u32>,
+    path: &KeyPath,
+    names: (&'static str, &'static str),
+    issues: &mut Vec<Issue>,
+) -> u32 {
+    let (rate_key, burst_key) = names;
+    match (rate, burst) {
         (None, None) => 0,
         (None, Some(_)) => {
             issue(
                 issues,
-                path.key("burst"),
-                "has no effect without `rate`; add rate = N (messages per second) or remove burst",
+                path.key(burst_key),
+                format!(
+                    "has no effect without `{rate_key}`; add {rate_key} = N (messages per second) or remove {burst_key}"
+                ),
             );
             0
         }
@@ -556,7 +594,7 @@ fn check_rate(rule: &RuleConfig, path: &KeyPath, issues: &mut Vec<Issue>) -> u32
             if !(rate.is_finite() && rate > 0.0) {
                 issue(
                     issues,
-                    path.key("rate"),
+                    path.key(rate_key),
                     format!(
                         "{rate} is not a positive number of messages per second; write a value such as 0.5 or 20, or set hold = true to stop deliveries"
                     ),
@@ -565,7 +603,7 @@ fn check_rate(rule: &RuleConfig, path: &KeyPath, issues: &mut Vec<Issue>) -> u32
             }
             match burst {
                 Some(0) => {
-                    issue(issues, path.key("burst"), "must be at least 1 message");
+                    issue(issues, path.key(burst_key), "must be at least 1 message");
                     0
                 }
                 Some(burst) => burst,

@@ -195,6 +195,26 @@ fn burst_without_rate() {
 }
 
 #[test]
+fn source_rate_without_addresses() {
+    assert_error(
+        "[lanes.bulk]\nsource_rate = 50.0\n",
+        1,
+        1,
+        &["lanes.bulk.source_addresses", "source_rate"],
+    );
+}
+
+#[test]
+fn source_max_connections_zero() {
+    assert_error(
+        "[lanes.bulk]\nsource_addresses = [\"192.0.2.1\"]\nsource_max_connections = 0\n",
+        3,
+        26,
+        &["lanes.bulk.source_max_connections", "at least 1"],
+    );
+}
+
+#[test]
 fn socket_mode_not_octal() {
     for mode in ["0668", "rw-rw----", "66", "04755", "0o660"] {
         let text = format!("[lanes.bulk]\nsocket_mode = \"{mode}\"\n");

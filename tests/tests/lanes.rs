@@ -252,6 +252,61 @@ fn each_lane_sends_from_its_source_address() {
 }
 
 #[test]
+fn source_address_rate_spans_destinations() {
+    // Two source addresses at 50 msgs/s each, and two destinations with no
+    // limit of their own: each address must stay at 50/s over both.
+    let receiver =
+        ScriptedReceiver::start(common::any_port(77), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[lanes.bulk]\nsource_addresses = [\"{}\", \"{}\"]\nsource_rate = 50.0\nsource_burst = 5\nsource_max_connections = 2\n\n[[rule]]\ndomain = \"one.test\"\nroute = \"{addr}\"\n\n[[rule]]\ndomain = \"two.test\"\nroute = \"{addr}\"\n",
+        engine_config(None),
+        loopback(4),
+        loopback(5),
+        addr = receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    std::thread::scope(|scope| {
+        for domain in ["one.test", "two.test"] {
+            let socket = engine.socket(Lane::Bulk);
+            scope.spawn(move || {
+                let acked = inject_parallel(socket, domain, 0..300, 2);
+                assert_eq!(acked.len(), 300, "{domain}");
+            });
+        }
+    });
+    let received = receiver
+        .wait_for(600, Duration::from_secs(60))
+        .expect("every message delivered");
+    for source in [loopback(4), loopback(5)] {
+        let mut times: Vec<u64> = received
+            .iter()
+            .filter(|message| message.peer.ip() == source)
+            .map(|message| message.received_micros)
+            .collect();
+        times.sort_unstable();
+        assert!(times.len() > 100, "{source} sent {} messages", times.len());
+        let mut end = 0;
+        let mut busiest = 0;
+        for start in 0..times.len() {
+            while end < times.len() && times[end] < times[start] + 1_000_000 {
+                end += 1;
+            }
+            busiest = busiest.max(end - start);
+        }
+        eprintln!(
+            "source {source}: {} messages, busiest one-second window {busiest}",
+            times.len()
+        );
+        let window_limit = ((50 + 5) as f64 * 1.05) as usize;
+        assert!(
+            busiest <= window_limit,
+            "{source}: {busiest} messages in one second exceed {window_limit}"
+        );
+    }
+}
+
+#[test]
 fn pooled_tls_connections_resume_sessions() {
     let ca = caduceus_tests::TestCa::new().expect("test CA");
     let listen = listen_addr(78);

@@ -80,6 +80,11 @@ pub struct Connection {
     pub(super) needs_rset: bool,
     /// Set once the session can no longer be used; later calls return it.
     pub(super) failed: Option<SessionError>,
+    /// The bound source address, when `ConnectParams::source` set one.
+    pub(super) source: Option<std::net::IpAddr>,
+    /// A value the caller ties to the connection's life, such as a slot
+    /// of a per-source connection limit, released when it is dropped.
+    pub(super) guard: Option<Box<dyn std::any::Any>>,
 }
 
 /// Whether this attempt may use STARTTLS. The cleartext retry of
@@ -170,6 +175,8 @@ impl Connection {
             messages_sent: 0,
             needs_rset: false,
             failed: None,
+            source: params.source,
+            guard: None,
         };
         connection.hello(params.helo).await?;
 
@@ -436,6 +443,16 @@ impl Connection {
 
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote_addr
+    }
+
+    /// Returns the source address the connection was bound to, if any.
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        self.source
+    }
+
+    /// Ties `guard` to this connection: it is dropped with the connection.
+    pub fn attach_guard(&mut self, guard: Box<dyn std::any::Any>) {
+        self.guard = Some(guard);
     }
 
     /// Returns the number of `send` calls that completed at least one

@@ -579,6 +579,11 @@ async fn deliver_item(
             continue;
         };
         let remote = remote_info(open);
+        if let Some(address) = open.source()
+            && !shard.sources.unlimited(envelope.lane)
+        {
+            shard.sources.pace(envelope.lane, address).await;
+        }
         match open.send(&message).await {
             Ok(results) => {
                 let per_recipient = results
@@ -723,12 +728,11 @@ async fn connect(
 ) -> Result<Connection, ConnectFailure> {
     let targets = targets(shard, domain, rule).await?;
     let lane_config = shard.config.lanes.get(lane);
-    let source = if lane_config.source_addresses.is_empty() {
-        None
-    } else {
-        let cursor = shard.source_cursor.get();
-        shard.source_cursor.set(cursor.wrapping_add(1));
-        Some(lane_config.source_addresses[cursor % lane_config.source_addresses.len()])
+    // The slot counts against the source address's connection cap until
+    // the connection is dropped; a failed attempt gives it back here.
+    let (source, mut slot) = match acquire_source(shard, lane).await {
+        Some((address, slot)) => (Some(address), Some(slot)),
+        None => (None, None),
     };
     let helo = lane_config
         .helo_name
@@ -746,7 +750,12 @@ async fn connect(
                 timeouts: &shard.config.delivery,
             };
             match Connection::open(&shard.tls, &params).await {
-                Ok(connection) => return Ok(connection),
+                Ok(mut connection) => {
+                    if let Some(slot) = slot.take() {
+                        connection.attach_guard(slot);
+                    }
+                    return Ok(connection);
+                }
                 Err(error) => {
                     tracing::info!(core = shard.index, domain, host = host.as_str(), %addr, %error, "delivery: connection failed; trying the next host");
                     let remote = RemoteInfo {
@@ -778,6 +787,40 @@ async fn connect(
             permanent: false,
             remote: RemoteInfo::default(),
         }),
+    }
+}
+
+/// Takes a connection slot of one of the lane's source addresses, or
+/// returns `None` when the lane has none. When every address is at its
+/// connection cap, an idle pooled connection from one of them is closed to
+/// free a slot, because idle connections of other destinations would
+/// otherwise hold the slots until their idle timeout; with none idle, the
+/// delivery waits for a connection to close.
+async fn acquire_source(shard: &Rc<Shard>, lane: Lane) -> Option<(IpAddr, Box<dyn std::any::Any>)> {
+    let addresses = &shard.config.lanes.get(lane).source_addresses;
+    if addresses.is_empty() {
+        return None;
+    }
+    loop {
+        if let Some(acquired) = shard.sources.try_acquire(lane, addresses) {
+            return Some(acquired);
+        }
+        let idle = {
+            let mut queue = shard.queue.borrow_mut();
+            queue.destinations.values_mut().find_map(|destination| {
+                let position = destination.idle.iter().position(|idle| {
+                    idle.connection
+                        .source()
+                        .is_some_and(|source| addresses.contains(&source))
+                })?;
+                Some(destination.idle.swap_remove(position).connection)
+            })
+        };
+        match idle {
+            // QUIT and drop it, which gives its slot back.
+            Some(connection) => connection.quit().await,
+            None => glommio::timer::sleep(super::sources::SLOT_POLL).await,
+        }
     }
 }
 

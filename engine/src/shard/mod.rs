@@ -10,6 +10,7 @@ mod compaction;
 mod deliver;
 pub mod mesh;
 pub mod queue;
+mod sources;
 pub mod throttle;
 
 use std::cell::{Cell, RefCell};
@@ -87,8 +88,8 @@ pub struct Shard {
     pub draining: Cell<bool>,
     /// Set when free disk space falls below `spool.reserve_bytes`.
     pub below_reserve: Cell<bool>,
-    /// Rotates through each lane's source addresses.
-    pub source_cursor: Cell<usize>,
+    /// Source addresses in turn, with their rate and connection limits.
+    pub sources: sources::Sources,
     pub delivery_queue: TaskQueueHandle,
 }
 
@@ -188,6 +189,10 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
     };
     let delivery_queue =
         glommio::executor().create_task_queue(Shares::default(), latency, "delivery");
+    let sources = sources::Sources::new(
+        sources::SourceLimits::share(&config.lanes.transactional, lane_cores.transactional.len()),
+        sources::SourceLimits::share(&config.lanes.bulk, lane_cores.bulk.len()),
+    );
     let (mesh, peers) = mesh::Mesh::connect(
         spec.index,
         &spec.lanes,
@@ -218,7 +223,7 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         inflight: Cell::new(0),
         draining: Cell::new(false),
         below_reserve: Cell::new(false),
-        source_cursor: Cell::new(0),
+        sources,
         delivery_queue,
     });
     {
