@@ -108,6 +108,11 @@ struct ScenarioArgs {
     /// on a small machine needs.
     #[arg(long)]
     bulk_executors: Option<usize>,
+    /// CPUs for the benchmark's injectors and sink, comma-separated (for
+    /// example `1`), applied after the MTA under test has started. Left
+    /// out, they run on every CPU, including the transactional one.
+    #[arg(long, value_delimiter = ',')]
+    harness_cpus: Option<Vec<usize>>,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +156,7 @@ fn scenario(scenario: Scenario, args: ScenarioArgs) -> Result<bool, String> {
         },
         seed: args.seed,
         bulk_executors: args.bulk_executors,
+        harness_cpus: args.harness_cpus,
         engine_binary: default_engine_binary(),
     };
     let mut runs: Vec<RunResult> = Vec::new();

@@ -92,6 +92,9 @@ pub struct Options {
     /// More bulk executors than spare CPUs share the transactional CPU
     /// (`lanes.allow_shared_cpus`), which only a benchmark should do.
     pub bulk_executors: Option<usize>,
+    /// CPUs for the benchmark's own threads (injectors and sink) once the
+    /// target MTA has started; `None` leaves them unpinned.
+    pub harness_cpus: Option<Vec<usize>>,
     /// The `caduceus` binary.
     pub engine_binary: PathBuf,
 }
@@ -303,6 +306,66 @@ fn lane_cores(bulk_executors: Option<usize>) -> (String, String, String) {
     )
 }
 
+/// Keeps every thread of the benchmark process on the harness CPUs while
+/// it lives, and restores the process's original CPUs when dropped.
+///
+/// It is created after the MTA under test has started, so the MTA's
+/// processes keep every CPU. Threads started later inherit the mask of the
+/// thread that starts them.
+struct HarnessPin {
+    restore: Option<nix::sched::CpuSet>,
+}
+
+impl HarnessPin {
+    fn new(cpus: Option<&[usize]>) -> Result<HarnessPin, String> {
+        let Some(cpus) = cpus else {
+            return Ok(HarnessPin { restore: None });
+        };
+        let original = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+            .map_err(|error| format!("cannot read this process's CPU mask: {error}"))?;
+        let mut set = nix::sched::CpuSet::new();
+        for cpu in cpus {
+            set.set(*cpu).map_err(|error| {
+                format!("--harness-cpus: CPU {cpu} is out of range ({error}); list CPUs that `caduceus cores` shows")
+            })?;
+        }
+        set_all_threads(&set)?;
+        Ok(HarnessPin {
+            restore: Some(original),
+        })
+    }
+}
+
+impl Drop for HarnessPin {
+    fn drop(&mut self) {
+        if let Some(original) = &self.restore
+            && let Err(error) = set_all_threads(original)
+        {
+            eprintln!("caduceus-bench: {error}");
+        }
+    }
+}
+
+/// Applies `set` to every thread of this process, as listed in
+/// `/proc/self/task`.
+fn set_all_threads(set: &nix::sched::CpuSet) -> Result<(), String> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|error| format!("cannot list this process's threads: {error}"))?;
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|name| name.parse().ok()) else {
+            continue;
+        };
+        // A thread may exit between the listing and this call.
+        match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), set) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(error) => {
+                return Err(format!("cannot set the CPUs of thread {tid}: {error}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates a temporary directory that the engine's unprivileged user can
 /// traverse.
 fn state_dir() -> Result<tempfile::TempDir, String> {
@@ -448,6 +511,7 @@ pub fn run_caduceus(
     );
     let mut engine = Engine::start_binary(&options.engine_binary, &config, state.path())
         .map_err(|error| format!("cannot start the engine: {error}"))?;
+    let _pinned = HarnessPin::new(options.harness_cpus.as_deref())?;
     let targets = Targets {
         transactional: Target::Lane(engine.socket(Lane::Transactional).to_path_buf()),
         bulk: Target::Lane(engine.socket(Lane::Bulk).to_path_buf()),
@@ -507,6 +571,7 @@ pub fn run_postfix(scenario: Scenario, options: &Options) -> Result<RunResult, S
     postfix_options.main_cf = postfix_settings(scenario);
     let postfix = Postfix::start(postfix_options)
         .map_err(|error| format!("cannot start the Postfix relay: {error}"))?;
+    let _pinned = HarnessPin::new(options.harness_cpus.as_deref())?;
     let targets = Targets {
         transactional: Target::Tcp(postfix.addr()),
         bulk: Target::Tcp(postfix.addr()),

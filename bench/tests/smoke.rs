@@ -20,6 +20,7 @@ fn options(messages: u64) -> Options {
         sizes: SizeMix::Realistic,
         seed: 7,
         bulk_executors: None,
+        harness_cpus: None,
         engine_binary: caduceus_tests::engine_binary().expect("engine binary"),
     }
 }
