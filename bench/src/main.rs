@@ -113,6 +113,10 @@ struct ScenarioArgs {
     /// out, they run on every CPU, including the transactional one.
     #[arg(long, value_delimiter = ',')]
     harness_cpus: Option<Vec<usize>>,
+    /// Turn off the audit trail and the metrics endpoint, to measure what
+    /// they cost against a run with both on.
+    #[arg(long)]
+    no_observability: bool,
 }
 
 fn main() -> ExitCode {
@@ -157,6 +161,7 @@ fn scenario(scenario: Scenario, args: ScenarioArgs) -> Result<bool, String> {
         seed: args.seed,
         bulk_executors: args.bulk_executors,
         harness_cpus: args.harness_cpus,
+        observability: !args.no_observability,
         engine_binary: default_engine_binary(),
     };
     let mut runs: Vec<RunResult> = Vec::new();

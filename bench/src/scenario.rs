@@ -95,6 +95,10 @@ pub struct Options {
     /// CPUs for the benchmark's own threads (injectors and sink) once the
     /// target MTA has started; `None` leaves them unpinned.
     pub harness_cpus: Option<Vec<usize>>,
+    /// Writes the audit trail and serves metrics on loopback; `false`
+    /// turns both off, to measure what they cost. The engine counts its
+    /// metrics either way, because counting cannot be turned off.
+    pub observability: bool,
     /// The `caduceus` binary.
     pub engine_binary: PathBuf,
 }
@@ -214,8 +218,16 @@ fn engine_config(
     domains: &[String],
     session_resumption: bool,
     bulk_executors: Option<usize>,
-) -> String {
+    observability: bool,
+) -> Result<String, String> {
     let (lanes, transactional_cores, bulk_cores) = lane_cores(bulk_executors);
+    let observability = if observability {
+        let ip = loopback(1);
+        let port = free_port(ip).map_err(|error| format!("no free port on {ip}: {error}"))?;
+        format!("[metrics]\nlisten = \"{ip}:{port}\"\n\n")
+    } else {
+        "[audit]\nenabled = false\n\n".to_string()
+    };
     let retry = if scenario == Scenario::Faults {
         "retry_schedule = [\"1s\", \"2s\", \"3s\", \"5s\"]\n"
     } else {
@@ -241,6 +253,7 @@ fn engine_config(
          [tls]\n\
          session_resumption = {session_resumption}\n\
          \n\
+         {observability}\
          {lanes}\
          [lanes.transactional]\n\
          {transactional_cores}\
@@ -269,7 +282,7 @@ fn engine_config(
             ));
         }
     }
-    config
+    Ok(config)
 }
 
 /// Returns the `[lanes]` table and the `cores` lines of both lanes for
@@ -508,7 +521,8 @@ pub fn run_caduceus(
         &domains,
         session_resumption,
         options.bulk_executors,
-    );
+        options.observability,
+    )?;
     let mut engine = Engine::start_binary(&options.engine_binary, &config, state.path())
         .map_err(|error| format!("cannot start the engine: {error}"))?;
     let _pinned = HarnessPin::new(options.harness_cpus.as_deref())?;

@@ -21,6 +21,7 @@ fn options(messages: u64) -> Options {
         seed: 7,
         bulk_executors: None,
         harness_cpus: None,
+        observability: true,
         engine_binary: caduceus_tests::engine_binary().expect("engine binary"),
     }
 }
