@@ -568,8 +568,9 @@ fn check_rate(rule: &RuleConfig, path: &KeyPath, issues: &mut Vec<Issue>) -> u32
     check_rate_pair(rule.rate, rule.burst, path, ("rate", "burst"), issues)
 }
 
-/// Checks a rate and its burst under the keys `names` of `path`; returns
-/// the bucket size, one second's worth of the rate when no burst is given.
+/// Checks a rate and its burst under the keys `names` of `path`. Returns
+/// the bucket size, which is one second's worth of the rate when no burst
+/// is given.
 pub(crate) fn check_rate_pair(
     rate: Option<f64>,
     burst: Option<u32>,

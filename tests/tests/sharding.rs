@@ -17,8 +17,8 @@ use std::time::Duration;
 use caduceus_tests::{Engine, Lane, Script, ScriptedReceiver};
 use common::{engine_config, inject, state_dir, wait_until};
 
-/// A config with two bulk executors; `rules` follows the lane tables.
-/// Recipients are logged in the clear so that tests can read domains.
+/// Builds a config with two bulk executors, followed by `rules`. It logs
+/// recipients in the clear so that tests can read their domains.
 fn two_bulk_executors(rules: &str) -> String {
     format!(
         "recipient_logging = \"clear\"\n{}\n[lanes]\nallow_shared_cpus = true\n\n[lanes.transactional]\ncores = [0]\n\n[lanes.bulk]\ncores = [0, 1]\n\n{rules}",
@@ -62,7 +62,7 @@ fn events_per_core(state_dir: &Path) -> HashMap<(u16, String, String), usize> {
     counts
 }
 
-/// The cores that logged `event` for `domain`.
+/// Returns the cores that logged `event` for `domain`.
 fn cores_with(
     counts: &HashMap<(u16, String, String), usize>,
     event: &str,
@@ -77,8 +77,8 @@ fn cores_with(
     cores
 }
 
-/// The busiest one-second window and the sustained rate of a sorted list
-/// of microsecond timestamps.
+/// Returns the busiest one-second window and the sustained rate of a
+/// sorted list of microsecond timestamps.
 fn window_and_rate(times: &[u64]) -> (usize, f64) {
     let mut end = 0;
     let mut busiest = 0;

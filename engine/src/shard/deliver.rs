@@ -791,11 +791,12 @@ async fn connect(
 }
 
 /// Takes a connection slot of one of the lane's source addresses, or
-/// returns `None` when the lane has none. When every address is at its
-/// connection cap, an idle pooled connection from one of them is closed to
-/// free a slot, because idle connections of other destinations would
-/// otherwise hold the slots until their idle timeout; with none idle, the
-/// delivery waits for a connection to close.
+/// returns `None` when the lane has none.
+///
+/// When every address is at its connection cap, an idle pooled connection
+/// from one of them is closed to free a slot. Otherwise idle connections
+/// of other destinations would keep the slots until their idle timeout.
+/// With no idle connection to close, the delivery waits for one to close.
 async fn acquire_source(shard: &Rc<Shard>, lane: Lane) -> Option<(IpAddr, Box<dyn std::any::Any>)> {
     let addresses = &shard.config.lanes.get(lane).source_addresses;
     if addresses.is_empty() {

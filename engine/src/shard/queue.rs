@@ -50,7 +50,7 @@ impl QueuedMessage {
 /// Recipients of one message bound for one destination.
 #[derive(Clone, Debug)]
 pub struct WorkItem {
-    /// The core whose spool shard holds the message. It differs from this
+    /// The core whose spool shard contains the message. It differs from this
     /// core when the owner handed the recipients over because this core is
     /// the destination's home (see `mesh`).
     pub owner: u16,
@@ -188,7 +188,7 @@ impl Queue {
             .collect();
     }
 
-    /// The queue entry a work item refers to, local or handed over.
+    /// Returns the queue entry a work item refers to, local or handed over.
     pub fn entry(&self, item: &WorkItem) -> Option<&QueuedMessage> {
         if item.owner == self.own {
             self.messages.get(&item.record)
@@ -197,7 +197,8 @@ impl Queue {
         }
     }
 
-    /// The mutable queue entry a work item refers to, local or handed over.
+    /// Returns the mutable queue entry a work item refers to, local or
+    /// handed over.
     pub fn entry_mut(&mut self, item: &WorkItem) -> Option<&mut QueuedMessage> {
         if item.owner == self.own {
             self.messages.get_mut(&item.record)
