@@ -542,7 +542,10 @@ async fn advance_session<A: Admission>(
                 let category = submission.category;
                 let result = admission.submit(*submission).await;
                 match &result {
-                    Ok(()) => tracing::info!(
+                    // Debug level: the delivery log's `received` line
+                    // already records every accepted message, and a
+                    // formatted line per message costs throughput.
+                    Ok(()) => tracing::debug!(
                         lane = lane.as_str(),
                         message_id = %hex::encode(message_id),
                         category = category.as_str(),

@@ -189,7 +189,7 @@ impl Connection {
                 mx_host = params.mx_host,
                 addr = %params.addr,
                 tls_mode = params.tls_mode.as_str(),
-                "delivering in cleartext"
+                "outbound: delivering in cleartext"
             );
         }
         Ok(connection)
