@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use caduceus_policy::config::Config;
 use caduceus_policy::{Lane, Policy, SiteKey};
@@ -26,6 +26,9 @@ use crate::shard::{self, ShardSetup};
 
 /// Environment variable holding the spool key in hex, instead of a key file.
 pub const SPOOL_KEY_ENV: &str = "CADUCEUS_SPOOL_KEY";
+
+/// How often the start logs the cores that have not reported ready yet.
+const STARTUP_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A running engine.
 pub struct Engine {
@@ -187,7 +190,7 @@ pub fn start_with_config_file(
                 if let Some(audit) = &audit
                     && let Err(error) = crate::audit::install_core(audit, index)
                 {
-                    let _ = ready.send(Err(error.clone()));
+                    let _ = ready.send((index, Err(error.clone())));
                     return Err(error);
                 }
                 let result = shard::run_with_ready(setup, ready).await;
@@ -201,14 +204,47 @@ pub fn start_with_config_file(
         executors.push(handle);
     }
     drop(ready_sender);
-    for _ in 0..allocation.len() {
-        match ready_receiver.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+    // A signal during the start stops it. The caller's own handlers only
+    // run once the start returns, and a core that never finishes starting
+    // would otherwise keep the process from stopping at all.
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(error) = signal_hook::flag::register(signal, stop_requested.clone()) {
+            tracing::warn!(signal, %error, "engine: cannot watch for signals during the start");
+        }
+    }
+    let mut pending: Vec<u16> = allocation.iter().map(|spec| spec.index).collect();
+    let started_at = Instant::now();
+    let mut next_report = started_at + STARTUP_REPORT_INTERVAL;
+    while !pending.is_empty() {
+        if stop_requested.load(Ordering::Acquire) {
+            shutdown.store(true, Ordering::Release);
+            return Err(format!(
+                "stopped by a signal while cores {pending:?} had not finished starting"
+            ));
+        }
+        let received = match ready_receiver.recv_timeout(Duration::from_millis(100)) {
+            Ok(received) => Ok(received),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if Instant::now() >= next_report {
+                    next_report += STARTUP_REPORT_INTERVAL;
+                    tracing::warn!(
+                        cores = ?pending,
+                        waited_ms = started_at.elapsed().as_millis() as u64,
+                        "engine: cores have not finished starting (spool recovery, audit stream or executor setup)"
+                    );
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(()),
+        };
+        match received {
+            Ok((index, Ok(()))) => pending.retain(|core| *core != index),
+            Ok((_, Err(error))) => {
                 shutdown.store(true, Ordering::Release);
                 return Err(error);
             }
-            Err(_) => {
+            Err(()) => {
                 shutdown.store(true, Ordering::Release);
                 let mut message = "an executor stopped during start".to_string();
                 for handle in executors {

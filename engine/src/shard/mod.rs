@@ -93,23 +93,23 @@ pub struct Shard {
     pub delivery_queue: TaskQueueHandle,
 }
 
-/// Runs one executor until shutdown. Called inside the executor. Sends
-/// `Ok(())` on `ready` once the spool is recovered and the sockets accept,
-/// or the error that stopped the start.
+/// Runs one executor until shutdown. Called inside the executor. Sends its
+/// index with `Ok(())` on `ready` once the spool is recovered and the
+/// sockets accept, or with the error that stopped the start.
 pub async fn run_with_ready(
     setup: ShardSetup,
-    ready: crossbeam_channel::Sender<Result<(), String>>,
+    ready: crossbeam_channel::Sender<(u16, Result<(), String>)>,
 ) -> Result<(), String> {
     let index = setup.spec.index;
     let started = match start(setup).await {
         Ok(started) => started,
         Err(error) => {
-            let _ = ready.send(Err(error.clone()));
+            let _ = ready.send((index, Err(error.clone())));
             return Err(error);
         }
     };
     tracing::debug!(core = index, "core: start reported");
-    let _ = ready.send(Ok(()));
+    let _ = ready.send((index, Ok(())));
     serve(started).await
 }
 
