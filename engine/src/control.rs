@@ -186,10 +186,21 @@ impl ControlPlane {
 
     fn execute(&mut self, request: &Value, uid: u32, holds: &mut BTreeSet<String>) -> Value {
         let command = request.get("command").and_then(Value::as_str).unwrap_or("");
-        let destination = request
-            .get("destination")
-            .and_then(Value::as_str)
-            .map(|text| text.trim().trim_end_matches('.').to_ascii_lowercase());
+        // Destinations are compared in the lowercase A-label form that
+        // ingress stores, so `Bücher.example.` and `xn--bcher-kva.example`
+        // name the same destination, and anything that is not a domain is
+        // rejected before it reaches the executors or holds.json.
+        let destination = match request.get("destination").and_then(Value::as_str) {
+            Some(text) => {
+                match caduceus_policy::normalise_domain(text.trim().trim_end_matches('.')) {
+                    Ok(domain) => Some(domain),
+                    Err(error) => {
+                        return json!({"ok": false, "error": format!("{error}; give a destination domain such as example.net")});
+                    }
+                }
+            }
+            None => None,
+        };
         if let Some(response) = self.execute_lists(request, command, uid) {
             return response;
         }

@@ -367,6 +367,52 @@ fn held_destination_waits_for_release() {
 }
 
 #[test]
+fn hold_accepts_idn_and_rejects_non_domains() {
+    let receiver =
+        ScriptedReceiver::start(common::any_port(58), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"xn--bcher-kva.test\"\nroute = \"{}\"\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    // The U-label form holds the destination that ingress stores as an
+    // A-label.
+    common::caduceus(&["queue", "hold", "bücher.test", "--config"], &config_path);
+    let output = Swaks::socket(engine.socket(Lane::Transactional))
+        .from("reminders@clinic.test")
+        .to("reader@xn--bcher-kva.test")
+        .data(MESSAGE)
+        .run()
+        .expect("swaks");
+    assert!(output.status.success(), "swaks failed: {output:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(receiver.received().is_empty(), "the IDN hold was ignored");
+
+    for invalid in ["bad domain", "../../etc", "a@b.example", "*.example"] {
+        let output = std::process::Command::new(common::binary())
+            .args(["queue", "hold", invalid, "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("run caduceus");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{invalid:?} was accepted");
+        assert!(stderr.contains("invalid domain"), "{invalid:?}: {stderr}");
+    }
+    let holds = std::fs::read_to_string(engine.state_dir().join("holds.json")).expect("holds");
+    assert!(!holds.contains("bad domain"), "{holds}");
+
+    // Case and a trailing dot do not matter either.
+    common::caduceus(
+        &["queue", "release", "XN--BCHER-KVA.TEST.", "--config"],
+        &config_path,
+    );
+    receiver.wait_for(1, WAIT).expect("delivered after release");
+}
+
+#[test]
 fn engine_runs_as_unprivileged_user() {
     let receiver =
         ScriptedReceiver::start(common::any_port(54), Script::default()).expect("receiver start");
