@@ -210,6 +210,19 @@ enum PolicyAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that print for an operator stop quietly when the reader of
+    // their output goes away (`caduceus report ... | head`), as Unix tools
+    // do: the default action of SIGPIPE, which Rust's runtime ignores.
+    // `serve` and `demo` keep ignoring it, because a peer closing a socket
+    // must never stop the engine.
+    if !matches!(cli.command, Command::Serve { .. } | Command::Demo(_))
+        && let Err(error) = signal_hook::flag::register_conditional_default(
+            signal_hook::consts::SIGPIPE,
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        )
+    {
+        eprintln!("caduceus: cannot restore the default SIGPIPE action: {error}");
+    }
     // The demo prints its own report; only warnings and errors go with it.
     init_logging(if matches!(cli.command, Command::Demo(_)) {
         "warn"

@@ -192,3 +192,26 @@ fn two_core_tuning_profile_is_valid() {
     );
     assert!(stdout.contains("executor 1 on CPU 1: bulk"), "{stdout}");
 }
+
+#[test]
+fn closed_stdout_stops_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    // The reader is gone before the command prints, as with `| head -0`.
+    let mut child = Command::new(binary())
+        .args(["policy", "explain", "someone@example.com"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run caduceus");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for caduceus");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        output.status.signal(),
+        Some(13),
+        "stopped by SIGPIPE, as Unix tools are: {:?}",
+        output.status
+    );
+}
