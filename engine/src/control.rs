@@ -297,7 +297,9 @@ impl ControlPlane {
         let hmac = match normalise_address(address) {
             Ok(_) => self.site_key.hmac_address(address),
             Err(error) => {
-                return Some(json!({"ok": false, "error": format!("invalid address: {error}")}));
+                return Some(
+                    json!({"ok": false, "error": format!("{error}; give an address such as user@example.net")}),
+                );
             }
         };
         self.audit(uid, command, None, Some(&hex::encode(hmac)));

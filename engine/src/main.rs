@@ -523,7 +523,11 @@ fn spool(action: SpoolAction, config_path: Option<&Path>) -> Result<(), String> 
                     println!("shard {} record {}: {problem}", record.shard, record.record);
                 }
             }
-            println!("{} records checked, {problems} problems", records.len());
+            println!(
+                "{} records checked, {problems} {}",
+                records.len(),
+                if problems == 1 { "problem" } else { "problems" }
+            );
             if problems > 0 {
                 return Err(format!("{problems} damaged or unreadable records"));
             }
@@ -609,7 +613,7 @@ fn policy(action: PolicyAction) -> Result<(), String> {
             };
             let config = read_config(config.as_deref())?;
             let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
-            println!("{}", policy.explain(&address, lane));
+            println!("{}", policy.explain(&address, lane)?);
             Ok(())
         }
     }

@@ -9,8 +9,9 @@ use crate::{Lane, normalise_address};
 impl Policy {
     /// Describes which rule applies to `address` in `lane`, why, and where
     /// each effective setting comes from. `address` may be a full address
-    /// or a bare domain, in U-label or A-label form.
-    pub fn explain(&self, address: &str, lane: Lane) -> String {
+    /// or a bare domain, in U-label or A-label form. Returns the reason
+    /// when it is neither.
+    pub fn explain(&self, address: &str, lane: Lane) -> Result<String, String> {
         let mut text = String::new();
         // Accept a bare domain by giving it a placeholder local part.
         let with_local_part;
@@ -25,11 +26,11 @@ impl Policy {
                 Some((_, domain)) => domain.to_string(),
                 None => normalised,
             },
-            Err(error) => return format!("{address:?}: {error}\n"),
+            Err(error) => return Err(format!("{address:?}: {error}")),
         };
         // `fmt::Write for String` never returns an error.
         let _ = self.write_explanation(&mut text, &domain, lane);
-        text
+        Ok(text)
     }
 
     fn write_explanation(&self, text: &mut String, domain: &str, lane: Lane) -> std::fmt::Result {

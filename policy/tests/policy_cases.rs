@@ -310,7 +310,9 @@ fn sender_categories() {
 #[test]
 fn explain_names_rule_and_sources() {
     for policy in policies() {
-        let text = policy.explain("Patient@Praxis.München.example", Lane::Transactional);
+        let text = policy
+            .explain("Patient@Praxis.München.example", Lane::Transactional)
+            .expect("explained");
         assert!(
             text.contains("domain: praxis.xn--mnchen-3ya.example"),
             "{text}"
@@ -327,17 +329,23 @@ fn explain_names_rule_and_sources() {
             "{text}"
         );
 
-        let text = policy.explain("someone@unrelated.example", Lane::Bulk);
+        let text = policy
+            .explain("someone@unrelated.example", Lane::Bulk)
+            .expect("explained");
         assert!(text.contains("no domain rule"), "{text}");
         assert!(text.contains("*.mail.protection.outlook.com"), "{text}");
         assert!(text.contains("(lanes.bulk.max_queue_lifetime)"), "{text}");
 
-        let text = policy.explain("outreach.example-health.org", Lane::Bulk);
+        let text = policy
+            .explain("outreach.example-health.org", Lane::Bulk)
+            .expect("explained");
         assert!(text.contains("rule[10]"), "{text}");
         assert!(text.contains("category care from rule[9]"), "{text}");
 
-        let text = policy.explain("bad address@", Lane::Bulk);
-        assert!(text.contains("invalid"), "{text}");
+        let error = policy
+            .explain("bad address@", Lane::Bulk)
+            .expect_err("an invalid address is an error");
+        assert!(error.contains("invalid"), "{error}");
     }
 }
 

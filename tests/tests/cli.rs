@@ -215,3 +215,13 @@ fn closed_stdout_stops_quietly() {
         output.status
     );
 }
+
+#[test]
+fn policy_explain_fails_on_invalid_address() {
+    for input in ["a@", "@rx.example", "a@-bad.com"] {
+        let (success, stdout, stderr) = run(&["policy", "explain", input]);
+        assert!(!success, "{input:?} was explained: {stdout}");
+        assert!(stderr.contains(&format!("{input:?}")), "{stderr}");
+        assert!(stderr.contains("invalid"), "{stderr}");
+    }
+}

@@ -557,9 +557,10 @@ pub fn run_verify(config: &Config, anchor: Option<&Path>) -> Result<(), String> 
         println!("audit trail intact");
         Ok(())
     } else {
+        let count = report.problems.len();
         Err(format!(
-            "{} problems in the audit trail under {}",
-            report.problems.len(),
+            "{count} {} in the audit trail under {}",
+            if count == 1 { "problem" } else { "problems" },
             dir.display()
         ))
     }
