@@ -57,7 +57,7 @@ impl DataProblem {
             ),
             DataProblem::LineTooLong => Reply::new(
                 500,
-                EnhancedStatus::new(5, 5, 6),
+                EnhancedStatus::new(5, 5, 2),
                 "Message rejected: line too long",
             ),
             DataProblem::TooLarge => Reply::new(
@@ -395,7 +395,7 @@ mod tests {
         let cases = [
             (DataProblem::BareLineEnding, 550, "5.5.2"),
             (DataProblem::Nul, 554, "5.6.0"),
-            (DataProblem::LineTooLong, 500, "5.5.6"),
+            (DataProblem::LineTooLong, 500, "5.5.2"),
             (DataProblem::TooLarge, 552, "5.3.4"),
         ];
         for (problem, code, status) in cases {

@@ -255,7 +255,7 @@ impl Session {
                 Some(position) => {
                     self.input_start += position + 2;
                     self.skipping_long_line = false;
-                    self.protocol_error(&reply(500, 5, 5, 6, "Syntax error: line too long"));
+                    self.protocol_error(&reply(500, 5, 5, 2, "Syntax error: line too long"));
                     return Some(None);
                 }
                 None => {
@@ -274,7 +274,7 @@ impl Session {
             }
             Some(position) => {
                 self.input_start += position + 2;
-                self.protocol_error(&reply(500, 5, 5, 6, "Syntax error: line too long"));
+                self.protocol_error(&reply(500, 5, 5, 2, "Syntax error: line too long"));
                 Some(None)
             }
             None if pending.len() >= MAX_PARAMETER_LINE_BYTES => {
@@ -304,7 +304,7 @@ impl Session {
         let verb = &line[..verb_end];
         let may_be_long = verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT");
         if !may_be_long && line.len() + 2 > MAX_COMMAND_LINE_BYTES {
-            self.protocol_error(&reply(500, 5, 5, 6, "Syntax error: line too long"));
+            self.protocol_error(&reply(500, 5, 5, 2, "Syntax error: line too long"));
             return;
         }
         let smtputf8 = self.transaction.as_ref().is_some_and(|t| t.smtputf8);
