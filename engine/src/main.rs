@@ -276,6 +276,47 @@ fn init_logging(default_level: &str) {
         .init();
 }
 
+/// Returns what would stop `serve` on this machine although the config is
+/// valid: the core allocation, and users and groups that do not exist.
+fn machine_problems(config: &Config) -> Vec<String> {
+    use nix::unistd::{Group, User};
+    let mut problems = Vec::new();
+    if let Err(error) = cores::allocate(config, &cores::available_cpus()) {
+        problems.push(error);
+    }
+    let user_exists =
+        |name: &str| name.parse::<u32>().is_ok() || matches!(User::from_name(name), Ok(Some(_)));
+    let group_exists =
+        |name: &str| name.parse::<u32>().is_ok() || matches!(Group::from_name(name), Ok(Some(_)));
+    if let Some(user) = &config.user
+        && !user_exists(user)
+    {
+        problems.push(format!(
+            "user {user:?} (config `user`) does not exist; create it with `useradd --system {user}`"
+        ));
+    }
+    for lane in Lane::ALL {
+        let lane_config = config.lanes.get(lane);
+        if let Some(owner) = &lane_config.socket_owner
+            && !user_exists(owner)
+        {
+            problems.push(format!(
+                "user {owner:?} (lanes.{}.socket_owner) does not exist",
+                lane.as_str()
+            ));
+        }
+        if let Some(group) = &lane_config.socket_group
+            && !group_exists(group)
+        {
+            problems.push(format!(
+                "group {group:?} (lanes.{}.socket_group) does not exist; create it with `groupadd --system {group}`",
+                lane.as_str()
+            ));
+        }
+    }
+    problems
+}
+
 fn read_config(path: Option<&Path>) -> Result<Config, String> {
     match path {
         Some(path) => load_config(path).map_err(|error| error.to_string()),
@@ -580,6 +621,13 @@ fn policy(action: PolicyAction) -> Result<(), String> {
             let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
             println!("{}: valid ({} rules)", file.display(), config.rules.len());
             drop(policy);
+            // The file may be meant for another machine, so what only this
+            // machine decides is a warning, not an error.
+            for problem in machine_problems(&config) {
+                eprintln!(
+                    "warning: on this machine, {problem}; `caduceus serve` would stop with this error"
+                );
+            }
             Ok(())
         }
         PolicyAction::Reload { config } => {

@@ -225,3 +225,26 @@ fn policy_explain_fails_on_invalid_address() {
         assert!(stderr.contains("invalid"), "{stderr}");
     }
 }
+
+#[test]
+fn policy_check_warns_about_this_machine() {
+    let state = state_dir();
+    let config = state.path().join("caduceus.toml");
+    std::fs::write(
+        &config,
+        "user = \"no-such-user-for-caduceus\"\n\n[lanes.bulk]\nsocket_group = \"no-such-group-for-caduceus\"\n",
+    )
+    .expect("write config");
+    let (success, stdout, stderr) = run(&["policy", "check", config.to_str().expect("utf-8 path")]);
+    assert!(success, "a valid file passes: {stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(
+        stderr.contains("user \"no-such-user-for-caduceus\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("useradd --system"), "{stderr}");
+    assert!(
+        stderr.contains("group \"no-such-group-for-caduceus\" (lanes.bulk.socket_group)"),
+        "{stderr}"
+    );
+}
