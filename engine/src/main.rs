@@ -33,11 +33,15 @@ enum Command {
     Queue {
         #[command(subcommand)]
         action: QueueAction,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
     /// Print the CPUs and the lane allocation the config gives.
     Cores {
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -51,6 +55,8 @@ enum Command {
     Suppress {
         #[command(subcommand)]
         action: ListAction,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
@@ -58,6 +64,8 @@ enum Command {
     Consent {
         #[command(subcommand)]
         action: ListAction,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
@@ -65,6 +73,8 @@ enum Command {
     Spool {
         #[command(subcommand)]
         action: SpoolAction,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
@@ -72,6 +82,8 @@ enum Command {
     Audit {
         #[command(subcommand)]
         action: AuditAction,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
@@ -87,6 +99,8 @@ enum Command {
         /// csv (one row per recipient) or json (one object per message).
         #[arg(long, default_value = "csv")]
         format: String,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -182,15 +196,21 @@ enum AuditAction {
 #[derive(Subcommand)]
 enum PolicyAction {
     /// Validate a configuration file; errors give file:line:column.
-    Check { file: PathBuf },
+    Check {
+        /// The configuration file (TOML) to validate.
+        file: PathBuf,
+    },
     /// Recompile the config file's rules in the running engine; deliveries
     /// in flight finish under the old rules.
     Reload {
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Compile the rules into a binary table file (an rkyv archive).
     Compile {
+        /// Configuration file (TOML) whose rules are compiled.
         #[arg(long, short)]
         config: PathBuf,
         /// Where to write the table.
@@ -199,7 +219,11 @@ enum PolicyAction {
     },
     /// Show which rule applies to an address, and why.
     Explain {
+        /// An address such as patient@example.org, or a bare domain, in
+        /// U-label or A-label form.
         address: String,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// The lane whose defaults apply: transactional or bulk.
