@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +45,10 @@ pub enum ControlCommand {
         content: bool,
     },
 }
+
+/// The longest request line the control socket reads. Commands are small
+/// JSON objects, and imports pass a file path rather than the file.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
 pub struct ControlRequest {
     pub command: ControlCommand,
@@ -168,18 +172,41 @@ impl ControlPlane {
         let uid = credentials.uid();
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut writer = stream;
-        let mut line = String::new();
-        while reader.read_line(&mut line)? > 0 {
-            let response = match serde_json::from_str::<Value>(&line) {
-                Ok(request) => self.execute(&request, uid, holds),
-                Err(error) => {
-                    json!({"ok": false, "error": format!("request is not valid JSON: {error}")})
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // One byte past the limit tells an over-long line from one
+            // that is exactly at it.
+            let read = (&mut reader)
+                .take(MAX_REQUEST_BYTES + 1)
+                .read_until(b'\n', &mut line)?;
+            if read == 0 {
+                break;
+            }
+            let too_long = line.len() as u64 > MAX_REQUEST_BYTES;
+            let response = if too_long {
+                json!({"ok": false, "error": format!("request is longer than {MAX_REQUEST_BYTES} bytes; send one JSON object per line (imports take a file path, not its content)")})
+            } else {
+                match std::str::from_utf8(&line) {
+                    Ok(text) => match serde_json::from_str::<Value>(text) {
+                        Ok(request) => self.execute(&request, uid, holds),
+                        Err(error) => {
+                            json!({"ok": false, "error": format!("request is not valid JSON: {error}")})
+                        }
+                    },
+                    Err(error) => {
+                        json!({"ok": false, "error": format!("request is not UTF-8: {error}")})
+                    }
                 }
             };
             let mut text = response.to_string();
             text.push('\n');
             writer.write_all(text.as_bytes())?;
-            line.clear();
+            if too_long {
+                // The rest of the line is unread; close rather than parse it
+                // as further requests.
+                break;
+            }
         }
         Ok(())
     }
@@ -387,10 +414,13 @@ impl ControlPlane {
             Ok(message_id) => message_id,
             Err(error) => return json!({"ok": false, "error": error.to_string()}),
         };
-        let content = request
-            .get("content")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let content = match request.get("content") {
+            None => false,
+            Some(Value::Bool(content)) => *content,
+            Some(other) => {
+                return json!({"ok": false, "error": format!("\"content\" must be true or false, not {other}")});
+            }
+        };
         let answers = self.broadcast(ControlCommand::Show {
             message_id,
             content,

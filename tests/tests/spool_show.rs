@@ -52,10 +52,17 @@ fn control_events(state: &Path, event: &str) -> Vec<serde_json::Value> {
 
 /// Sends one raw JSON line to the control socket and returns the reply.
 fn control_request(socket: &Path, request: &str) -> serde_json::Value {
+    control_request_bytes(socket, format!("{request}\n").as_bytes())
+}
+
+/// Sends raw bytes to the control socket and returns the reply line.
+fn control_request_bytes(socket: &Path, request: &[u8]) -> serde_json::Value {
     let mut stream = UnixStream::connect(socket).expect("connect to the control socket");
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .expect("write the request");
+    // The engine stops reading an over-long request after its limit and
+    // closes the socket, so the rest of such a write may fail.
+    if let Err(error) = stream.write_all(request) {
+        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}");
+    }
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
@@ -197,6 +204,37 @@ fn show_running_then_stopped_engine() {
         assert!(error.contains(expected), "{request}: {response}");
         assert!(response.get("message").is_none(), "{request}: {response}");
     }
+    let response = control_request(
+        &socket,
+        &format!(r#"{{"command":"spool.show","message_id":"{message_id}","content":"yes"}}"#),
+    );
+    assert_eq!(response["ok"], false, "{response}");
+    assert!(
+        response["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("must be true or false"),
+        "{response}"
+    );
+    assert!(response.get("message").is_none(), "{response}");
+    let response = control_request_bytes(&socket, b"\xff\xfe\n");
+    assert!(
+        response["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not UTF-8"),
+        "{response}"
+    );
+    let mut long = vec![b' '; 2 << 20];
+    long.push(b'\n');
+    let response = control_request_bytes(&socket, &long);
+    assert!(
+        response["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("longer than"),
+        "{response}"
+    );
     assert_eq!(
         control_events(engine.state_dir(), "content_viewed").len(),
         1
