@@ -118,6 +118,9 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         };
         // A reference into the worker's policy snapshot: no copy of the
         // rule (and its retry schedule) per message.
+        // TODO: `mx` rules (`Policy::for_mx_host`) are never consulted, so
+        // a domain without a `domain` rule gets the defaults whatever its MX
+        // hosts, and domains sharing an MX site do not share a throttle.
         let rule = policy.for_domain(&domain, envelope.lane);
         if rule.hold {
             // Held by policy: the item waits at the front of the queue until
