@@ -390,28 +390,50 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
         }
     };
     let response = control_request(&config, &request)?;
-    if let QueueAction::List = action {
-        println!(
-            "{:<40} {:>10} {:>6} {:>5}",
-            "DESTINATION", "PENDING", "HELD", "CORE"
-        );
-        for executor in response["executors"].as_array().into_iter().flatten() {
-            for row in executor["destinations"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<40} {:>10} {:>6} {:>5}",
-                    row["destination"].as_str().unwrap_or("?"),
-                    row["pending"],
-                    if row["held"].as_bool() == Some(true) {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    executor["core"],
-                );
+    let executors = response["executors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let total = |field: &str| -> u64 {
+        executors
+            .iter()
+            .filter_map(|executor| executor[field].as_u64())
+            .sum()
+    };
+    match &action {
+        QueueAction::List => {
+            println!(
+                "{:<40} {:>10} {:>6} {:>5}",
+                "DESTINATION", "PENDING", "HELD", "CORE"
+            );
+            for executor in &executors {
+                for row in executor["destinations"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {:>10} {:>6} {:>5}",
+                        row["destination"].as_str().unwrap_or("?"),
+                        row["pending"].as_u64().unwrap_or(0),
+                        if row["held"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                        executor["core"].as_u64().unwrap_or(0),
+                    );
+                }
             }
         }
-    } else {
-        println!("{response}");
+        QueueAction::Hold { destination } => println!(
+            "held {destination}: no delivery starts until `caduceus queue release {destination}`"
+        ),
+        QueueAction::Release { destination } => println!("released {destination}"),
+        QueueAction::Delete { destination } => println!(
+            "deleted {} pending recipients of {destination}",
+            total("deleted")
+        ),
+        QueueAction::Requeue { destination } => println!(
+            "requeued {} pending recipients of {destination} for delivery now",
+            total("requeued")
+        ),
     }
     Ok(())
 }
