@@ -63,16 +63,7 @@ fn rate_limit_holds_in_every_one_second_window() {
     // Rate + burst per second, plus 5% for the spread between taking a
     // token and the receiver's timestamp.
     let window_limit = ((200 + 20) as f64 * 1.05) as usize;
-    let mut end = 0;
-    let mut busiest = 0;
-    for start in 0..times.len() {
-        while end < times.len() && times[end] < times[start] + 1_000_000 {
-            end += 1;
-        }
-        busiest = busiest.max(end - start);
-    }
-    let span_secs = (times[times.len() - 1] - times[0]) as f64 / 1e6;
-    let sustained = (times.len() - 1) as f64 / span_secs;
+    let (busiest, sustained) = common::window_and_rate(&times);
     eprintln!("rate: busiest one-second window {busiest}, sustained {sustained:.1}/s");
     assert!(
         busiest <= window_limit,
@@ -286,14 +277,7 @@ fn source_address_rate_spans_destinations() {
             .collect();
         times.sort_unstable();
         assert!(times.len() > 100, "{source} sent {} messages", times.len());
-        let mut end = 0;
-        let mut busiest = 0;
-        for start in 0..times.len() {
-            while end < times.len() && times[end] < times[start] + 1_000_000 {
-                end += 1;
-            }
-            busiest = busiest.max(end - start);
-        }
+        let (busiest, _) = common::window_and_rate(&times);
         eprintln!(
             "source {source}: {} messages, busiest one-second window {busiest}",
             times.len()

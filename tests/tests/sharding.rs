@@ -77,21 +77,6 @@ fn cores_with(
     cores
 }
 
-/// Returns the busiest one-second window and the sustained rate of a
-/// sorted list of microsecond timestamps.
-fn window_and_rate(times: &[u64]) -> (usize, f64) {
-    let mut end = 0;
-    let mut busiest = 0;
-    for start in 0..times.len() {
-        while end < times.len() && times[end] < times[start] + 1_000_000 {
-            end += 1;
-        }
-        busiest = busiest.max(end - start);
-    }
-    let span_secs = (times[times.len() - 1] - times[0]) as f64 / 1e6;
-    (busiest, (times.len() - 1) as f64 / span_secs)
-}
-
 fn inject_parallel(socket: &Path, domain: &str, count: u32, connections: u32) -> usize {
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -171,7 +156,7 @@ fn home_executor_paces_whole_lane() {
         times.sort_unstable();
         assert_eq!(times.len(), 1_000, "{domain}");
         // One token bucket for the lane: 100/s, not 100/s per executor.
-        let (busiest, sustained) = window_and_rate(&times);
+        let (busiest, sustained) = common::window_and_rate(&times);
         eprintln!(
             "sharding: {domain}: busiest one-second window {busiest}, sustained {sustained:.1}/s"
         );

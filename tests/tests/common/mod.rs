@@ -226,3 +226,18 @@ pub fn control_audit(state_dir: &Path) -> String {
         .map(|path| std::fs::read_to_string(path).expect("control audit file"))
         .collect()
 }
+
+/// Returns the busiest one-second window and the sustained rate of a
+/// sorted list of microsecond timestamps.
+pub fn window_and_rate(times: &[u64]) -> (usize, f64) {
+    let mut end = 0;
+    let mut busiest = 0;
+    for start in 0..times.len() {
+        while end < times.len() && times[end] < times[start] + 1_000_000 {
+            end += 1;
+        }
+        busiest = busiest.max(end - start);
+    }
+    let span_secs = (times[times.len() - 1] - times[0]) as f64 / 1e6;
+    (busiest, (times.len() - 1) as f64 / span_secs)
+}
