@@ -255,6 +255,12 @@ impl Policy {
             .map(|rule_index| &self.effective[lane_slot(rule_index as usize, lane)])
     }
 
+    /// Returns true when the config has `mx` rules, so that a caller can
+    /// skip the MX lookup that [`Policy::for_mx_host`] needs otherwise.
+    pub fn has_mx_rules(&self) -> bool {
+        !self.mx_hosts.is_empty()
+    }
+
     /// Returns the settings used when no rule matches.
     pub fn defaults(&self, lane: Lane) -> &EffectiveRule {
         &self.effective[lane_slot(self.sources.len(), lane)]

@@ -98,6 +98,11 @@ pub(crate) struct TableEntry<'a> {
 }
 
 impl SuffixTable {
+    /// Returns true when the table holds no pattern.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
     /// Builds the table. Returns the two rule indexes of the first duplicate
     /// pattern found, which validation has normally rejected already.
     pub fn build<'a>(

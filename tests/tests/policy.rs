@@ -218,3 +218,75 @@ fn reload_under_load_loses_nothing_and_rejects_a_broken_policy() {
         .wait_for(20_000, Duration::from_secs(120))
         .expect("every message delivered across 50 reloads");
 }
+
+#[test]
+fn mx_rule_paces_every_domain_of_its_site() {
+    use caduceus_tests::{DnsRecord, Dnsmasq};
+    // Two domains with no rule of their own, whose MX hosts both match one
+    // `mx` rule at 20 msgs/s: together they must stay at 20/s.
+    let receiver =
+        ScriptedReceiver::start(common::any_port(88), Script::default()).expect("receiver start");
+    let dns = Dnsmasq::start(&[
+        DnsRecord::Mx {
+            domain: "one.test".into(),
+            host: "mx1.site.test".into(),
+            preference: 10,
+        },
+        DnsRecord::Mx {
+            domain: "two.test".into(),
+            host: "mx2.site.test".into(),
+            preference: 10,
+        },
+        DnsRecord::A {
+            name: "mx1.site.test".into(),
+            addr: common::loopback(88),
+        },
+        DnsRecord::A {
+            name: "mx2.site.test".into(),
+            addr: common::loopback(88),
+        },
+    ])
+    .expect("dnsmasq start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[delivery]\nsmtp_port = {}\n\n[[rule]]\nmx = \"*.site.test\"\nrate = 20.0\nburst = 2\n",
+        engine_config(Some(dns.addr())),
+        receiver.addr().port()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    std::thread::scope(|scope| {
+        for domain in ["one.test", "two.test"] {
+            let socket = engine.socket(Lane::Bulk);
+            scope.spawn(move || {
+                let acked = Mutex::new(Vec::new());
+                inject(
+                    socket,
+                    domain,
+                    (0..100).collect(),
+                    &acked,
+                    &AtomicBool::new(false),
+                );
+                assert_eq!(acked.lock().expect("acked").len(), 100, "{domain}");
+            });
+        }
+    });
+    let received = receiver
+        .wait_for(200, Duration::from_secs(60))
+        .expect("every message delivered");
+    let mut times: Vec<u64> = received
+        .iter()
+        .map(|message| message.received_micros)
+        .collect();
+    times.sort_unstable();
+    let (busiest, sustained) = common::window_and_rate(&times);
+    eprintln!("mx site: busiest one-second window {busiest}, sustained {sustained:.1}/s");
+    let window_limit = ((20 + 2) as f64 * 1.05) as usize;
+    assert!(
+        busiest <= window_limit,
+        "{busiest} messages in one second exceed {window_limit}"
+    );
+    assert!(
+        (sustained - 20.0).abs() <= 2.0,
+        "sustained rate {sustained:.1}/s is not within 10% of 20/s"
+    );
+}

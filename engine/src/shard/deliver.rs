@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use caduceus_policy::lists::{self, Change, ChangeOp, Reason};
-use caduceus_policy::{EffectiveRule, Lane, Route};
+use caduceus_policy::{DEFAULT_RULE_ID, EffectiveRule, Lane, Policy, Route};
 use caduceus_spool::{
     CommitSeq, Envelope, MessageId, Outcome, ReadError, Recipient, RecipientState, RecordRef,
     StoredMessage, notify,
@@ -118,10 +118,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         };
         // A reference into the worker's policy snapshot: no copy of the
         // rule (and its retry schedule) per message.
-        // TODO: `mx` rules (`Policy::for_mx_host`) are never consulted, so
-        // a domain without a `domain` rule gets the defaults whatever its MX
-        // hosts, and domains sharing an MX site do not share a throttle.
-        let rule = policy.for_domain(&domain, envelope.lane);
+        let (rule, site) = rule_for(&shard, &policy, &domain, envelope.lane).await;
         if rule.hold {
             // Held by policy: the item waits at the front of the queue until
             // a reload lifts the hold (the scheduler dispatches again).
@@ -139,7 +136,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             expire(&shard, &item, &envelope, &attempts, rule);
             continue;
         }
-        pace(&shard, &domain, rule).await;
+        pace(&shard, &domain, rule, site).await;
         let stored = match read_stored(&shard, &item) {
             Ok(stored) => stored,
             Err(error) => {
@@ -199,23 +196,57 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
     dispatch(&shard, &domain);
 }
 
-/// Waits for the destination's token bucket when its rule sets a rate. The
-/// bucket's rate is the rule's rate scaled by the backoff factor.
-async fn pace(shard: &Shard, domain: &str, rule: &EffectiveRule) {
+/// Returns the rule for a destination and, when it is an `mx` rule, its
+/// id, whose token bucket every domain of that MX site shares.
+///
+/// A `domain` rule wins. Only without one are the domain's MX hosts, in
+/// preference order, matched against the `mx` rules; the lookup goes
+/// through the resolver's cache, and a failed lookup leaves the defaults,
+/// since the delivery's own lookup then reports the failure.
+async fn rule_for<'p>(
+    shard: &Shard,
+    policy: &'p Policy,
+    domain: &str,
+    lane: Lane,
+) -> (&'p EffectiveRule, Option<u32>) {
+    let rule = policy.for_domain(domain, lane);
+    if rule.rule_id != DEFAULT_RULE_ID || !policy.has_mx_rules() {
+        return (rule, None);
+    }
+    let Ok(targets) = shard.resolver.resolve_mx(domain).await else {
+        return (rule, None);
+    };
+    targets
+        .iter()
+        .find_map(|target| policy.for_mx_host(&target.host, lane))
+        .map_or((rule, None), |site| (site, Some(site.rule_id)))
+}
+
+/// Waits for the destination's token bucket when its rule sets a rate, or
+/// for the bucket of its MX site (`site`, an `mx` rule's id). The bucket's
+/// rate is the rule's rate scaled by the destination's backoff factor.
+async fn pace(shard: &Shard, domain: &str, rule: &EffectiveRule, site: Option<u32>) {
     let Some(rate) = rule.rate_per_sec else {
         return;
     };
     loop {
         let wait = {
             let mut queue = shard.queue.borrow_mut();
+            let queue = &mut *queue;
             let Some(destination) = queue.destinations.get_mut(domain) else {
                 return;
             };
             let now = Instant::now();
             let effective = rate * destination.backoff.factor();
-            let bucket = destination
-                .bucket
-                .get_or_insert_with(|| TokenBucket::new(effective, rule.burst, now));
+            let bucket = match site {
+                Some(site) => queue
+                    .site_buckets
+                    .entry(site)
+                    .or_insert_with(|| TokenBucket::new(effective, rule.burst, now)),
+                None => destination
+                    .bucket
+                    .get_or_insert_with(|| TokenBucket::new(effective, rule.burst, now)),
+            };
             if (bucket.rate_per_sec() - effective).abs() > f64::EPSILON {
                 bucket.set_rate(effective, now);
             }

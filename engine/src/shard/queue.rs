@@ -99,6 +99,9 @@ pub struct Queue {
     pub handed: HashMap<(u16, RecordRef), QueuedMessage>,
     pub destinations: HashMap<Rc<str>, Destination>,
     pub deferrals: BinaryHeap<Reverse<Deferral>>,
+    /// Token buckets of `mx` rules, keyed by rule id: every domain whose MX
+    /// hosts match one `mx` rule takes its tokens from the same bucket.
+    pub site_buckets: HashMap<u32, TokenBucket>,
 }
 
 impl Queue {
