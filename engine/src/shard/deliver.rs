@@ -200,9 +200,9 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
 /// id, whose token bucket every domain of that MX site shares.
 ///
 /// A `domain` rule wins. Only without one are the domain's MX hosts, in
-/// preference order, matched against the `mx` rules; the lookup goes
-/// through the resolver's cache, and a failed lookup leaves the defaults,
-/// since the delivery's own lookup then reports the failure.
+/// preference order, matched against the `mx` rules. The lookup goes
+/// through the resolver's cache. A failed lookup leaves the defaults,
+/// because the delivery's own lookup then reports the failure.
 async fn rule_for<'p>(
     shard: &Shard,
     policy: &'p Policy,
