@@ -35,8 +35,33 @@ pub(crate) fn parse_config_for_cpus(
     online_cpus: &[usize],
 ) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|error| {
-        let location = error.span().map(|span| Location::of_span(text, span));
-        ConfigError::invalid(origin, location, "", error.message().trim_end())
+        let location = error
+            .span()
+            .map(|span| Location::of_span(text, span.clone()));
+        // A wrong type or value names no key by itself; find the key whose
+        // value covers the error's position, when the text parses as TOML.
+        let key = error
+            .span()
+            .and_then(|span| {
+                let document = toml_edit::ImDocument::parse(text).ok()?;
+                key_at(document.as_item(), &span)
+            })
+            .unwrap_or_default();
+        // serde names Rust types; say what the file should contain instead.
+        let mut message = error.message().trim_end().to_string();
+        for (rust, plain) in [
+            ("expected usize", "expected a whole number, 0 or more"),
+            ("expected u64", "expected a whole number, 0 or more"),
+            ("expected u32", "expected a whole number, 0 or more"),
+            ("expected u16", "expected a whole number from 0 to 65535"),
+            ("expected f64", "expected a number"),
+        ] {
+            message = message.replace(rust, plain);
+        }
+        if !key.is_empty() {
+            message.push_str("; see this key in docs/policy.md for its type and unit");
+        }
+        ConfigError::invalid(origin, location, key, message)
     })?;
     if let Err(issues) = check_config(&config, Some(online_cpus)) {
         return Err(first_issue_in_file_order(text, origin, issues));
@@ -110,6 +135,44 @@ fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
 /// Returns the span of the value at `path` in `document`, or of its nearest
 /// ancestor that has one when the value itself is a default or an implicit
 /// table such as `lanes` in `[lanes.bulk]`.
+/// Returns the dotted key, such as `lanes.bulk.cores[0]` or `rule[2].rate`,
+/// of the innermost value whose span contains `span`.
+fn key_at(item: &toml_edit::Item, span: &Range<usize>) -> Option<String> {
+    let covers = |candidate: Option<Range<usize>>| {
+        candidate.is_some_and(|range| range.start <= span.start && span.end <= range.end)
+    };
+    let child_key = |key: String, child: &toml_edit::Item| -> Option<String> {
+        match key_at(child, span) {
+            Some(inner) if inner.starts_with('[') => Some(format!("{key}{inner}")),
+            Some(inner) => Some(format!("{key}.{inner}")),
+            None => covers(child.span()).then_some(key),
+        }
+    };
+    if let Some(table) = item.as_table_like() {
+        for (key, child) in table.iter() {
+            if let Some(found) = child_key(key.to_string(), child) {
+                return Some(found);
+            }
+        }
+    }
+    if let Some(array) = item.as_array_of_tables() {
+        for (index, table) in array.iter().enumerate() {
+            let child = toml_edit::Item::Table(table.clone());
+            if let Some(inner) = key_at(&child, span) {
+                return Some(format!("[{index}].{inner}"));
+            }
+        }
+    }
+    if let Some(array) = item.as_array() {
+        for (index, value) in array.iter().enumerate() {
+            if covers(value.span()) {
+                return Some(format!("[{index}]"));
+            }
+        }
+    }
+    None
+}
+
 fn find_span(document: &toml_edit::ImDocument<&str>, path: &KeyPath) -> Option<Range<usize>> {
     let mut item = document.as_item();
     let mut found = None;

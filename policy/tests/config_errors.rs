@@ -393,3 +393,20 @@ fn load_config_reads_file_and_names_missing_file() {
     assert!(matches!(error, ConfigError::Read { .. }));
     assert!(error.to_string().contains("missing.toml"), "{error}");
 }
+
+#[test]
+fn wrong_type_names_its_key() {
+    assert_error(
+        "[lanes.bulk]\ncores = [-1]\n",
+        2,
+        10,
+        &["lanes.bulk.cores[0]", "a whole number", "docs/policy.md"],
+    );
+    assert_error("state_dir = 5\n", 1, 13, &["state_dir", "integer `5`"]);
+    assert_error(
+        "[[rule]]\ndomain = \"a.example\"\n\n[[rule]]\ndomain = \"b.example\"\nrate = \"fast\"\n",
+        6,
+        8,
+        &["rule[1].rate", "expected a number"],
+    );
+}
