@@ -47,7 +47,7 @@ pub(crate) fn parse_config_for_cpus(
                 key_at(document.as_item(), &span)
             })
             .unwrap_or_default();
-        // serde names Rust types; say what the file should contain instead.
+        // serde names Rust types; the message names what the file should contain.
         let mut message = error.message().trim_end().to_string();
         for (rust, plain) in [
             ("expected usize", "expected a whole number, 0 or more"),
