@@ -38,7 +38,7 @@ pub enum ControlCommand {
     Release(String),
     Delete(String),
     Requeue(String),
-    /// `spool.show`: the executor whose queue holds the message answers
+    /// `spool.show`: the executor whose queue contains the message replies
     /// with its envelope view, and with its content when `content` is set.
     Show {
         message_id: MessageId,
@@ -46,8 +46,8 @@ pub enum ControlCommand {
     },
 }
 
-/// The longest request line the control socket reads. Commands are small
-/// JSON objects, and imports pass a file path rather than the file.
+/// The maximum length of a request line on the control socket. Commands
+/// are small JSON objects, and imports pass a file path, not the file.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
 pub struct ControlRequest {
@@ -175,8 +175,8 @@ impl ControlPlane {
         let mut line = Vec::new();
         loop {
             line.clear();
-            // One byte past the limit tells an over-long line from one
-            // that is exactly at it.
+            // Reading one byte past the limit distinguishes an over-long line
+            // from one exactly at it.
             let read = (&mut reader)
                 .take(MAX_REQUEST_BYTES + 1)
                 .read_until(b'\n', &mut line)?;
@@ -402,8 +402,8 @@ impl ControlPlane {
         }
     }
 
-    /// Runs `spool.show`: asks every executor, takes the owner's answer,
-    /// and audits the view before returning it. The view is withheld when
+    /// Runs `spool.show`: sends the request to every executor, takes the
+    /// owner's reply, and audits the view before returning it. The view is withheld when
     /// its audit record cannot be written and synced.
     fn show_message(&self, request: &Value, uid: u32) -> Value {
         let text = request

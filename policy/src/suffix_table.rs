@@ -98,7 +98,7 @@ pub(crate) struct TableEntry<'a> {
 }
 
 impl SuffixTable {
-    /// Returns true when the table holds no pattern.
+    /// Returns true when the table contains no pattern.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }

@@ -84,8 +84,9 @@ impl CommitStats {
 
     /// Adds `other`'s samples to these.
     pub fn add(&mut self, other: &CommitStats) {
-        // Both sides are built by `CommitStats::new`, so their bounds match
-        // and adding cannot fail.
+        // Histograms from `CommitStats::new` share bounds, so adding them
+        // cannot fail. NOTE: the fields are public, and samples of a
+        // histogram built elsewhere with narrower bounds would be dropped.
         let _ = self.fsync_us.add(&other.fsync_us);
         let _ = self.batch_records.add(&other.batch_records);
         let _ = self.batch_bytes.add(&other.batch_bytes);

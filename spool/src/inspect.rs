@@ -207,11 +207,11 @@ pub struct FoundMessage {
     pub states: Vec<RecipientState>,
 }
 
-/// What [`find_message`] found.
+/// The result of [`find_message`].
 #[derive(Debug, Clone, Default)]
 pub struct FindReport {
-    /// The latest copy of the message in each shard that holds one; usually
-    /// one. A second shard holds a copy only when a crash interrupted the
+    /// The latest copy of the message in each shard that contains one,
+    /// usually one. A second shard has a copy only when a crash interrupted the
     /// adoption of an orphaned shard.
     pub copies: Vec<FoundMessage>,
     /// Records whose payload could not be opened (no key, wrong key or

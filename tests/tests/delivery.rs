@@ -341,8 +341,8 @@ fn held_destination_waits_for_release() {
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
     let config_path = engine.state_dir().join("caduceus.toml");
-    let said = common::caduceus(&["queue", "hold", "held.test", "--config"], &config_path);
-    assert!(said.starts_with("held held.test"), "{said}");
+    let output = common::caduceus(&["queue", "hold", "held.test", "--config"], &config_path);
+    assert!(output.starts_with("held held.test"), "{output}");
     for index in 0..3 {
         let output = Swaks::socket(engine.socket(Lane::Bulk))
             .from(common::CARE_SENDER)
@@ -389,7 +389,7 @@ fn hold_accepts_idn_and_rejects_non_domains() {
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
     let config_path = engine.state_dir().join("caduceus.toml");
-    // The U-label form holds the destination that ingress stores as an
+    // The U-label form names the destination that ingress stores as an
     // A-label.
     common::caduceus(&["queue", "hold", "bücher.test", "--config"], &config_path);
     let output = Swaks::socket(engine.socket(Lane::Transactional))

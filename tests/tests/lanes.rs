@@ -8,35 +8,12 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use caduceus_tests::{Engine, Lane, Plan, Response, Script, ScriptedReceiver};
 use common::{engine_config, inject, listen_addr, loopback, sequence_of, state_dir};
-
-/// Injects `count` messages to `domain` over `connections` connections and
-/// returns the acknowledged sequence numbers.
-fn inject_parallel(
-    socket: &std::path::Path,
-    domain: &str,
-    sequences: std::ops::Range<u32>,
-    connections: u32,
-) -> Vec<u32> {
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|scope| {
-        for connection in 0..connections {
-            let part: Vec<u32> = sequences
-                .clone()
-                .filter(|sequence| sequence % connections == connection)
-                .collect();
-            let (acked, stop) = (acked.clone(), stop.clone());
-            scope.spawn(move || inject(socket, domain, part, &acked, &stop));
-        }
-    });
-    acked.lock().expect("acked lock").clone()
-}
 
 #[test]
 fn rate_limit_holds_in_every_one_second_window() {
@@ -49,7 +26,7 @@ fn rate_limit_holds_in_every_one_second_window() {
         receiver.addr()
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
-    let acked = inject_parallel(engine.socket(Lane::Bulk), "paced.test", 0..5_000, 4);
+    let acked = common::inject_parallel(engine.socket(Lane::Bulk), "paced.test", 0..5_000, 4);
     assert_eq!(acked.len(), 5_000);
     let received = receiver
         .wait_for(5_000, Duration::from_secs(90))
@@ -104,7 +81,7 @@ fn push_back_enters_and_leaves_backoff() {
         receiver.addr()
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
-    let acked = inject_parallel(engine.socket(Lane::Bulk), "busy.test", 0..400, 2);
+    let acked = common::inject_parallel(engine.socket(Lane::Bulk), "busy.test", 0..400, 2);
     assert_eq!(acked.len(), 400);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -160,8 +137,9 @@ fn transactional_mail_passes_a_deferring_bulk_queue() {
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
     let bulk_socket = engine.socket(Lane::Bulk).to_path_buf();
-    let bulk =
-        std::thread::spawn(move || inject_parallel(&bulk_socket, "stuck.test", 0..50_000, 4).len());
+    let bulk = std::thread::spawn(move || {
+        common::inject_parallel(&bulk_socket, "stuck.test", 0..50_000, 4).len()
+    });
     // Wait until the bulk queue is well filled, then send reminders.
     std::thread::sleep(Duration::from_secs(3));
     let mut latencies_ms = Vec::new();
@@ -261,7 +239,7 @@ fn source_address_rate_spans_destinations() {
         for domain in ["one.test", "two.test"] {
             let socket = engine.socket(Lane::Bulk);
             scope.spawn(move || {
-                let acked = inject_parallel(socket, domain, 0..300, 2);
+                let acked = common::inject_parallel(socket, domain, 0..300, 2);
                 assert_eq!(acked.len(), 300, "{domain}");
             });
         }
@@ -313,7 +291,7 @@ fn pooled_tls_connections_resume_sessions() {
         engine_config(None)
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
-    let acked = inject_parallel(engine.socket(Lane::Bulk), "pool.test", 0..1_000, 4);
+    let acked = common::inject_parallel(engine.socket(Lane::Bulk), "pool.test", 0..1_000, 4);
     assert_eq!(acked.len(), 1_000);
     let received = receiver
         .wait_for(1_000, Duration::from_secs(120))

@@ -247,6 +247,7 @@ fn mx_rule_paces_every_domain_of_its_site() {
         },
     ])
     .expect("dnsmasq start");
+
     let state = state_dir();
     let config = format!(
         "{}\n[delivery]\nsmtp_port = {}\n\n[[rule]]\nmx = \"*.site.test\"\nrate = 20.0\nburst = 2\n",
@@ -254,22 +255,11 @@ fn mx_rule_paces_every_domain_of_its_site() {
         receiver.addr().port()
     );
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
-    std::thread::scope(|scope| {
-        for domain in ["one.test", "two.test"] {
-            let socket = engine.socket(Lane::Bulk);
-            scope.spawn(move || {
-                let acked = Mutex::new(Vec::new());
-                inject(
-                    socket,
-                    domain,
-                    (0..100).collect(),
-                    &acked,
-                    &AtomicBool::new(false),
-                );
-                assert_eq!(acked.lock().expect("acked").len(), 100, "{domain}");
-            });
-        }
-    });
+    for domain in ["one.test", "two.test"] {
+        let acked = common::inject_parallel(engine.socket(Lane::Bulk), domain, 0..100, 2);
+        assert_eq!(acked.len(), 100, "{domain}");
+    }
+
     let received = receiver
         .wait_for(200, Duration::from_secs(60))
         .expect("every message delivered");
@@ -278,6 +268,7 @@ fn mx_rule_paces_every_domain_of_its_site() {
         .map(|message| message.received_micros)
         .collect();
     times.sort_unstable();
+
     let (busiest, sustained) = common::window_and_rate(&times);
     eprintln!("mx site: busiest one-second window {busiest}, sustained {sustained:.1}/s");
     let window_limit = ((20 + 2) as f64 * 1.05) as usize;

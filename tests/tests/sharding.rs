@@ -10,12 +10,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use caduceus_tests::{Engine, Lane, Script, ScriptedReceiver};
-use common::{engine_config, inject, state_dir, wait_until};
+use common::{engine_config, state_dir, wait_until};
 
 /// Builds a config with two bulk executors, followed by `rules`. It logs
 /// recipients in the clear so that tests can read their domains.
@@ -77,21 +75,6 @@ fn cores_with(
     cores
 }
 
-fn inject_parallel(socket: &Path, domain: &str, count: u32, connections: u32) -> usize {
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|scope| {
-        for connection in 0..connections {
-            let part: Vec<u32> = (0..count)
-                .filter(|sequence| sequence % connections == connection)
-                .collect();
-            let (acked, stop) = (acked.clone(), stop.clone());
-            scope.spawn(move || inject(socket, domain, part, &acked, &stop));
-        }
-    });
-    acked.lock().expect("acked lock").len()
-}
-
 #[test]
 fn home_executor_paces_whole_lane() {
     // FNV-1a sends paced.test to the first bulk executor (core 1) and
@@ -115,7 +98,7 @@ fn home_executor_paces_whole_lane() {
             let socket = engine.socket(Lane::Bulk);
             scope.spawn(move || {
                 assert_eq!(
-                    inject_parallel(socket, domain, 1_000, 4),
+                    common::inject_parallel(socket, domain, 0..1_000, 4).len(),
                     1_000,
                     "every message to {domain} got 250"
                 );
@@ -186,7 +169,7 @@ fn handed_over_mail_survives_a_restart() {
     let mut engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
     let config_path = engine.state_dir().join("caduceus.toml");
     common::caduceus(&["queue", "hold", "held.test", "--config"], &config_path);
-    let acked = inject_parallel(engine.socket(Lane::Bulk), "held.test", 400, 8);
+    let acked = common::inject_parallel(engine.socket(Lane::Bulk), "held.test", 0..400, 8).len();
     assert_eq!(acked, 400);
     std::thread::sleep(Duration::from_millis(500));
     assert!(receiver.received().is_empty(), "the hold keeps mail queued");

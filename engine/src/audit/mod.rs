@@ -82,7 +82,7 @@ pub enum AuditEvent {
     EnvelopeViewed {
         operator_uid: u32,
         message_id: String,
-        /// The spool shard that holds the message.
+        /// The spool shard that contains the message.
         shard: u16,
     },
     /// An operator was shown a spooled message's decrypted content with

@@ -367,19 +367,19 @@ fn hand_off(shard: &Rc<Shard>, domain: &str) {
         Some(destination) if !destination.ready.is_empty() => destination.ready.drain(..).collect(),
         _ => return,
     };
-    let mut kept = std::collections::VecDeque::new();
+    let mut local_items = std::collections::VecDeque::new();
     for item in items {
         let Some(message) = queue
             .messages
             .get(&item.record)
             .filter(|_| item.owner == own)
         else {
-            kept.push_back(item);
+            local_items.push_back(item);
             continue;
         };
         let home = shard.mesh.home(message.envelope.lane, domain);
         if home == own {
-            kept.push_back(item);
+            local_items.push_back(item);
             continue;
         }
         let handoff = MeshMessage::Handoff {
@@ -391,12 +391,12 @@ fn hand_off(shard: &Rc<Shard>, domain: &str) {
         // The recipients stay `scheduled` here until their outcomes come
         // back, so no timer or compaction touches them meanwhile.
         if !shard.mesh.send(home, handoff) {
-            kept.push_back(item);
+            local_items.push_back(item);
         }
     }
     if let Some(destination) = queue.destinations.get_mut(domain) {
-        kept.extend(destination.ready.drain(..));
-        destination.ready = kept;
+        local_items.extend(destination.ready.drain(..));
+        destination.ready = local_items;
     }
 }
 

@@ -7,7 +7,7 @@
 //! exact for the whole lane rather than per core.
 //!
 //! The executor that received a message (its owner) keeps it for its whole
-//! life: its spool shard holds the record and every outcome record. When a
+//! life: its spool shard contains the record and every outcome record. When a
 //! recipient's destination lives elsewhere, the owner hands the recipients
 //! to the home executor as a reference (record location, envelope,
 //! recipient states). The home executor reads the body from the owner's
@@ -42,7 +42,7 @@ pub const CHANNEL_CAPACITY: usize = 4096;
 /// The receiving end of a channel from a peer, once connected.
 pub type PeerReceiver = shared_channel::ConnectedReceiver<MeshMessage>;
 
-/// What one executor sends another.
+/// A message from one executor to another.
 pub enum MeshMessage {
     /// Owner to home executor: deliver these recipients of this record.
     Handoff {

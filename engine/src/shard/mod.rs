@@ -519,8 +519,8 @@ fn handle_control(shard: &Rc<Shard>, request: ControlRequest) {
     let _ = request.reply.send(response);
 }
 
-/// Answers `spool.show` for this executor: `found: false` unless its queue
-/// holds the message. The owner reads its own record, so the key id, sizes
+/// Builds this executor's reply to `spool.show`: `found: false` unless its
+/// queue contains the message. The owner reads its own record, so the key id, sizes
 /// and (for `content`) the body come from the spool, and the recipient
 /// states from the queue, which is ahead of the spool by at most the
 /// outcomes not yet committed.

@@ -241,3 +241,26 @@ pub fn window_and_rate(times: &[u64]) -> (usize, f64) {
     let span_secs = (times[times.len() - 1] - times[0]) as f64 / 1e6;
     (busiest, (times.len() - 1) as f64 / span_secs)
 }
+
+/// Injects the messages numbered `sequences` to `domain` over
+/// `connections` connections, and returns the acknowledged sequence numbers.
+pub fn inject_parallel(
+    socket: &Path,
+    domain: &str,
+    sequences: std::ops::Range<u32>,
+    connections: u32,
+) -> Vec<u32> {
+    let acked = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for connection in 0..connections {
+            let part: Vec<u32> = sequences
+                .clone()
+                .filter(|sequence| sequence % connections == connection)
+                .collect();
+            let (acked, stop) = (&acked, &stop);
+            scope.spawn(move || inject(socket, domain, part, acked, stop));
+        }
+    });
+    acked.lock().expect("acked lock").clone()
+}
