@@ -588,10 +588,8 @@ async fn deliver_item(
         if let Some(open) = connection.as_mut()
             && from_pool
             && round == 0
-            && let Err(error) = open.reset().await
         {
-            tracing::debug!(core = shard.index, domain, %error, "delivery: pooled connection was stale; reconnecting");
-            *connection = None;
+            open.check_stale_on_send();
         }
         if connection.is_none() {
             match connect(shard, domain, rule, envelope.lane).await {
@@ -634,6 +632,11 @@ async fn deliver_item(
                 };
             }
             Err(SessionError::Stale) => {
+                tracing::debug!(
+                    core = shard.index,
+                    domain,
+                    "delivery: pooled connection was stale; reconnecting"
+                );
                 *connection = None;
                 continue;
             }
