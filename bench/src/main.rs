@@ -117,6 +117,10 @@ struct ScenarioArgs {
     /// they cost against a run with both on.
     #[arg(long)]
     no_observability: bool,
+    /// Keep the sink from offering CHUNKING, which it offers by default, so
+    /// that deliveries use DATA instead of BDAT.
+    #[arg(long)]
+    no_chunking: bool,
 }
 
 fn main() -> ExitCode {
@@ -162,6 +166,7 @@ fn scenario(scenario: Scenario, args: ScenarioArgs) -> Result<bool, String> {
         bulk_executors: args.bulk_executors,
         harness_cpus: args.harness_cpus,
         observability: !args.no_observability,
+        chunking: !args.no_chunking,
         engine_binary: default_engine_binary(),
     };
     let mut runs: Vec<RunResult> = Vec::new();

@@ -99,6 +99,8 @@ pub struct Options {
     /// turns both off, to measure what they cost. The engine counts its
     /// metrics either way, because counting cannot be turned off.
     pub observability: bool,
+    /// The sink offers CHUNKING (RFC 3030).
+    pub chunking: bool,
     /// The `caduceus` binary.
     pub engine_binary: PathBuf,
 }
@@ -148,6 +150,7 @@ fn start_sink(
     scenario: Scenario,
     domains: &[String],
     seed: u64,
+    chunking: bool,
 ) -> Result<ScriptedReceiver, String> {
     let addrs: Vec<SocketAddr> = (1..=SINK_ADDRESS_COUNT)
         .map(|octet| SocketAddr::new(loopback(octet), 0))
@@ -167,6 +170,7 @@ fn start_sink(
         idle_timeout: Duration::from_secs(120),
         seed,
         starttls,
+        chunking,
         ..Script::default()
     };
     if scenario == Scenario::Faults {
@@ -513,7 +517,7 @@ pub fn run_caduceus(
     label: &str,
 ) -> Result<RunResult, String> {
     let domains = domain_names(scenario);
-    let sink = start_sink(scenario, &domains, options.seed)?;
+    let sink = start_sink(scenario, &domains, options.seed, options.chunking)?;
     let state = state_dir()?;
     let config = engine_config(
         scenario,
@@ -578,7 +582,7 @@ fn postfix_settings(scenario: Scenario) -> Vec<(String, String)> {
 /// durable queue, relaying to the same kind of sink.
 pub fn run_postfix(scenario: Scenario, options: &Options) -> Result<RunResult, String> {
     let domains = domain_names(scenario);
-    let sink = start_sink(scenario, &domains, options.seed)?;
+    let sink = start_sink(scenario, &domains, options.seed, options.chunking)?;
     let ip = loopback(POSTFIX_LISTEN_OCTET);
     let port = free_port(ip).map_err(|error| format!("no free port on {ip}: {error}"))?;
     let mut postfix_options = PostfixOptions::relay(SocketAddr::new(ip, port), sink.addr());

@@ -48,6 +48,7 @@ fn start_sink() -> Result<ScriptedReceiver, String> {
         hostname: "sink.bench.example".into(),
         recording: Recording::Summary,
         max_connections: 4096,
+        chunking: true,
         ..Script::default()
     };
     ScriptedReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), script)

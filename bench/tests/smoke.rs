@@ -22,6 +22,7 @@ fn options(messages: u64) -> Options {
         bulk_executors: None,
         harness_cpus: None,
         observability: true,
+        chunking: true,
         engine_binary: caduceus_tests::engine_binary().expect("engine binary"),
     }
 }

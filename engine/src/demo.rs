@@ -137,6 +137,7 @@ fn start_receiver() -> std::io::Result<ScriptedReceiver> {
         starttls: Some(tls::self_signed_config("localhost", true)?),
         recording: Recording::Summary,
         max_connections: 1024,
+        chunking: true,
         ..Script::default()
     };
     ScriptedReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), script)

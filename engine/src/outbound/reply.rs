@@ -135,6 +135,8 @@ pub struct Capabilities {
     /// True when the session started with HELO, so no extension is usable.
     pub helo_only: bool,
     pub pipelining: bool,
+    /// BDAT (RFC 3030).
+    pub chunking: bool,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
     pub dsn: bool,
@@ -157,6 +159,7 @@ impl Capabilities {
             };
             match keyword.to_ascii_uppercase().as_str() {
                 "PIPELINING" => capabilities.pipelining = true,
+                "CHUNKING" => capabilities.chunking = true,
                 "8BITMIME" => capabilities.eight_bit_mime = true,
                 "SMTPUTF8" => capabilities.smtputf8 = true,
                 "DSN" => capabilities.dsn = true,

@@ -1851,3 +1851,86 @@ fn no_pipelining_sends_one_command_at_a_time() {
     assert!(is_delivered(&results[1]));
     mock.join();
 }
+
+// ---------------------------------------------------------------------------
+// CHUNKING (RFC 3030), against the scripted receiver
+
+fn chunking_receiver() -> crate::sink::ScriptedReceiver {
+    let script = crate::sink::Script {
+        chunking: true,
+        ..crate::sink::Script::default()
+    };
+    crate::sink::ScriptedReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), script)
+        .expect("receiver start")
+}
+
+/// With CHUNKING the body goes out as one `BDAT <size> LAST` chunk, without
+/// dot-stuffing, and arrives unchanged.
+#[test]
+fn chunking_sends_the_body_unstuffed_in_one_bdat() {
+    let receiver = chunking_receiver();
+    let body: &'static [u8] = b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n";
+    let results = deliver(receiver.addr(), TlsMode::None, &["a@example.net"], body).unwrap();
+    assert!(is_delivered(&results[0]), "{results:?}");
+    let received = receiver
+        .wait_for(1, Duration::from_secs(10))
+        .expect("message");
+    assert_eq!(received[0].raw, body);
+    let commands: Vec<String> = receiver
+        .commands()
+        .into_iter()
+        .map(|command| command.line)
+        .collect();
+    assert!(
+        commands.contains(&format!("BDAT {} LAST", body.len())),
+        "{commands:?}"
+    );
+    assert!(!commands.iter().any(|line| line == "DATA"), "{commands:?}");
+}
+
+/// A body whose last line has no CRLF gets one, as after DATA.
+#[test]
+fn chunking_ends_the_last_line_with_crlf() {
+    let receiver = chunking_receiver();
+    let body: &'static [u8] = b"Subject: x\r\n\r\nno line end";
+    let results = deliver(receiver.addr(), TlsMode::None, &["a@example.net"], body).unwrap();
+    assert!(is_delivered(&results[0]), "{results:?}");
+    let received = receiver
+        .wait_for(1, Duration::from_secs(10))
+        .expect("message");
+    assert_eq!(received[0].raw, b"Subject: x\r\n\r\nno line end\r\n");
+}
+
+/// The server reads the chunk of a transaction whose recipients it
+/// rejected, so the rejection is reported and the session stays usable.
+#[test]
+fn chunking_with_every_recipient_rejected_keeps_the_session() {
+    let script = crate::sink::Script {
+        chunking: true,
+        rcpt: crate::sink::Plan::always(crate::sink::Response::reply(550, "5.1.1 no such user")),
+        ..crate::sink::Script::default()
+    };
+    let receiver =
+        crate::sink::ScriptedReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), script)
+            .expect("receiver start");
+    let addr = receiver.addr();
+    let (first, second, usable) = run(async move {
+        let tls = TlsContext::new(None, true).expect("TLS context");
+        let config = test_config();
+        let mut connection = Connection::open(&tls, &params(addr, TlsMode::None, &config))
+            .await
+            .expect("open");
+        let recipients = [recipient("nobody@example.net")];
+        let first = connection.send(&message(&recipients, BODY)).await.unwrap();
+        connection.check_stale_on_send();
+        let second = connection.send(&message(&recipients, BODY)).await.unwrap();
+        let usable = connection.is_usable();
+        connection.quit().await;
+        (first, second, usable)
+    });
+    for results in [&first, &second] {
+        assert!(is_permanent(&results[0]), "{results:?}");
+        assert_eq!(results[0].reply().code, 550);
+    }
+    assert!(usable);
+}

@@ -1,6 +1,6 @@
 //! SMTP transactions: MAIL, RCPT, DATA (RFC 5321 §3.3), with PIPELINING
-//! (RFC 2920), DSN parameters (RFC 3461), 8BITMIME (RFC 6152), SMTPUTF8
-//! (RFC 6531) and SIZE (RFC 1870).
+//! (RFC 2920), CHUNKING (RFC 3030), DSN parameters (RFC 3461), 8BITMIME
+//! (RFC 6152), SMTPUTF8 (RFC 6531) and SIZE (RFC 1870).
 
 use std::time::Duration;
 
@@ -252,6 +252,14 @@ impl Connection {
             .iter()
             .map(|&index| self.rcpt_command(&message.recipients[index]))
             .collect();
+        if self.capabilities.chunking
+            && self.capabilities.pipelining
+            && rcpts.len() <= RCPT_GROUP_SIZE
+        {
+            return self
+                .chunked_transaction(&mail, &rcpts, &prepared.bytes, group, pending, results)
+                .await;
+        }
         let replies = self.mail_and_rcpt(&mail, &rcpts, group).await?;
         let Replies {
             mail: mail_reply,
@@ -271,17 +279,7 @@ impl Connection {
             return Ok(outcome);
         }
 
-        let mut accepted = Vec::new();
-        for (&index, reply) in pending.iter().zip(rcpt_replies) {
-            if reply.code / 100 == 2 {
-                accepted.push(index);
-            } else if is_recipient_limit(&reply) {
-                outcome.limit_reply = Some(reply);
-                outcome.over_limit.push(index);
-            } else {
-                results[index] = Some(RecipientResult::rejected(reply));
-            }
-        }
+        let accepted = sort_rcpt_replies(pending, rcpt_replies, &mut outcome, results);
         if accepted.is_empty() {
             self.abandon_data(data_reply).await?;
             return Ok(outcome);
@@ -322,6 +320,99 @@ impl Connection {
             return Err(SessionError::RemoteRejected {
                 stage: Stage::DataDone,
                 reply,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Runs one transaction in a single write: MAIL, the RCPTs and the
+    /// whole body as one `BDAT <size> LAST` chunk (RFC 3030), led by RSET
+    /// on a pooled connection. RFC 3030 lets a client pipeline BDAT when
+    /// the server offers PIPELINING. The server reads the chunk even
+    /// when it rejected MAIL or every RCPT, and then replies with an error,
+    /// so no lone dot or RSET is needed to stay in step. The body goes out
+    /// as it is, without dot-stuffing.
+    async fn chunked_transaction(
+        &mut self,
+        mail: &[u8],
+        rcpts: &[Vec<u8>],
+        body: &[u8],
+        group: FirstGroup,
+        pending: &[usize],
+        results: &mut [Option<RecipientResult>],
+    ) -> Result<TransactionOutcome, SessionError> {
+        // The last line must end with CRLF, as after DATA.
+        let missing_crlf = !body.is_empty() && !body.ends_with(b"\r\n");
+        let chunk_bytes = body.len() + if missing_crlf { 2 } else { 0 };
+        let commands_bytes: usize = mail.len() + rcpts.iter().map(Vec::len).sum::<usize>();
+        let mut bytes = Vec::with_capacity(commands_bytes + chunk_bytes + 40);
+        if group.rset {
+            bytes.extend_from_slice(b"RSET\r\n");
+        }
+        bytes.extend_from_slice(mail);
+        for rcpt in rcpts {
+            bytes.extend_from_slice(rcpt);
+        }
+        bytes.extend_from_slice(format!("BDAT {chunk_bytes} LAST\r\n").as_bytes());
+        bytes.extend_from_slice(body);
+        if missing_crlf {
+            bytes.extend_from_slice(b"\r\n");
+        }
+        let written = self
+            .stream
+            .write_all(&bytes, Stage::Mail, self.timeouts.command)
+            .await;
+        if group.rset {
+            self.read_stale_check(written).await?;
+        } else {
+            written?;
+        }
+
+        let mail_reply = self
+            .stream
+            .read_reply(Stage::Mail, self.timeouts.command)
+            .await?;
+        check_closing(&mail_reply, Stage::Mail)?;
+        let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        for _ in rcpts {
+            let reply = self
+                .stream
+                .read_reply(Stage::Rcpt, self.timeouts.command)
+                .await?;
+            check_closing(&reply, Stage::Rcpt)?;
+            rcpt_replies.push(reply);
+        }
+        // The last chunk ends the message as the final dot does, so it gets
+        // the same wait (10 minutes in RFC 5321 §4.5.3.2.6).
+        let chunk_reply = self
+            .stream
+            .read_reply(Stage::DataDone, self.timeouts.data_done)
+            .await?;
+
+        let mut outcome = TransactionOutcome::default();
+        if mail_reply.code / 100 != 2 {
+            check_closing(&chunk_reply, Stage::DataDone)?;
+            let result = RecipientResult::rejected(mail_reply);
+            for &index in pending {
+                results[index] = Some(result.clone());
+            }
+            return Ok(outcome);
+        }
+        let accepted = sort_rcpt_replies(pending, rcpt_replies, &mut outcome, results);
+        if accepted.is_empty() {
+            check_closing(&chunk_reply, Stage::DataDone)?;
+            return Ok(outcome);
+        }
+        let closing = chunk_reply.code == 421;
+        let result = RecipientResult::from_final_reply(chunk_reply.clone());
+        for &index in &accepted {
+            results[index] = Some(result.clone());
+        }
+        outcome.data_completed = true;
+        if closing {
+            return Err(SessionError::RemoteRejected {
+                stage: Stage::DataDone,
+                reply: chunk_reply,
             });
         }
         Ok(outcome)
@@ -584,8 +675,31 @@ struct TransactionOutcome {
     /// The last recipient-limit reply, for recipients that cannot be sent
     /// on this connection at all.
     limit_reply: Option<Reply>,
-    /// True when DATA ran to its final reply.
+    /// True when DATA, or the last BDAT chunk, ran to its final reply.
     data_completed: bool,
+}
+
+/// Sorts the RCPT replies of `pending`: rejected recipients get their
+/// result, recipients refused at the server's recipient limit go to
+/// `outcome.over_limit`, and the accepted ones are returned.
+fn sort_rcpt_replies(
+    pending: &[usize],
+    rcpt_replies: Vec<Reply>,
+    outcome: &mut TransactionOutcome,
+    results: &mut [Option<RecipientResult>],
+) -> Vec<usize> {
+    let mut accepted = Vec::new();
+    for (&index, reply) in pending.iter().zip(rcpt_replies) {
+        if reply.code / 100 == 2 {
+            accepted.push(index);
+        } else if is_recipient_limit(&reply) {
+            outcome.limit_reply = Some(reply);
+            outcome.over_limit.push(index);
+        } else {
+            results[index] = Some(RecipientResult::rejected(reply));
+        }
+    }
+    accepted
 }
 
 /// Returns an error for a 421, which closes the session whatever command it

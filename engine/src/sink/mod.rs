@@ -181,7 +181,7 @@ pub struct Script {
     pub rcpt: Plan,
     /// Per DATA command that has at least one accepted recipient.
     pub data: Plan,
-    /// Per message, after its final dot.
+    /// Per message, after its final dot or its last BDAT chunk.
     pub message: Plan,
     /// Misbehaviour per recipient domain, applied to recipients not listed
     /// in `recipients`.
@@ -199,6 +199,9 @@ pub struct Script {
     pub idle_timeout: Duration,
     /// The record kept of each message; `Full` by default.
     pub recording: Recording,
+    /// Offer CHUNKING (RFC 3030), so that clients may send messages with
+    /// BDAT instead of DATA. Off by default.
+    pub chunking: bool,
 }
 
 impl Default for Script {
@@ -219,6 +222,7 @@ impl Default for Script {
             max_message_bytes: 32 * 1024 * 1024,
             idle_timeout: Duration::from_secs(60),
             recording: Recording::Full,
+            chunking: false,
         }
     }
 }

@@ -148,7 +148,11 @@ pub(super) struct Session<'a> {
     ehlo: Option<String>,
     tls_version: Option<String>,
     transaction: Option<Transaction>,
-    /// Messages whose final dot this connection read.
+    /// The BDAT chunks of the current message so far, and when the first
+    /// arrived, in microseconds since the epoch.
+    chunks: Vec<u8>,
+    chunks_started_micros: Option<u64>,
+    /// Messages whose final dot or last chunk this connection read.
     messages: u32,
 }
 
@@ -173,6 +177,8 @@ impl<'a> Session<'a> {
             ehlo: None,
             tls_version: None,
             transaction: None,
+            chunks: Vec::new(),
+            chunks_started_micros: None,
             messages: 0,
         }
     }
@@ -254,8 +260,11 @@ impl<'a> Session<'a> {
             "MAIL" => self.mail(argument),
             "RCPT" => self.rcpt(argument),
             "DATA" => self.data(),
+            "BDAT" => self.bdat(argument),
             "RSET" => {
                 self.transaction = None;
+                self.chunks.clear();
+                self.chunks_started_micros = None;
                 self.reply(250, "2.0.0 Ok")
             }
             "NOOP" => self.reply(250, "2.0.0 Ok"),
@@ -275,6 +284,9 @@ impl<'a> Session<'a> {
         let mut lines = vec![script.hostname.clone()];
         if verb == "EHLO" {
             lines.push("PIPELINING".into());
+            if script.chunking {
+                lines.push("CHUNKING".into());
+            }
             lines.push(format!("SIZE {}", script.max_message_bytes));
             lines.push("8BITMIME".into());
             lines.push("SMTPUTF8".into());
@@ -433,6 +445,90 @@ impl<'a> Session<'a> {
         let Some(content) = self.read_content() else {
             return Flow::Closed;
         };
+        self.complete_message(content, data_started_micros)
+    }
+
+    /// Handles `BDAT <size> [LAST]` (RFC 3030): reads the chunk, which the
+    /// client sends right after the command line, then replies. The reply
+    /// to the last chunk is the message's reply, as after a final dot.
+    fn bdat(&mut self, argument: &str) -> Flow {
+        let mut words = argument.split_ascii_whitespace();
+        let size = words.next().and_then(|word| word.parse::<usize>().ok());
+        let (size, last) = match (size, words.next(), words.next()) {
+            (Some(size), None, None) => (size, false),
+            (Some(size), Some(word), None) if word.eq_ignore_ascii_case("LAST") => (size, true),
+            _ => return self.reply(501, "5.5.4 Syntax: BDAT chunk-size [LAST]"),
+        };
+        self.chunks_started_micros
+            .get_or_insert_with(micros_since_epoch);
+        if !self.read_chunk(size) {
+            return Flow::Closed;
+        }
+        let has_recipients = self
+            .transaction
+            .as_ref()
+            .is_some_and(|transaction| !transaction.rcpt_to.is_empty());
+        if !has_recipients {
+            // The chunk was read, so commands and replies stay in step.
+            self.chunks.clear();
+            self.chunks_started_micros = None;
+            return self.reply(554, "5.5.1 No valid recipients");
+        }
+        if !last {
+            return self.reply(250, &format!("2.0.0 {size} octets received"));
+        }
+        let mut content = Content::new(self.full_recording());
+        let limit_bytes = self.script().max_message_bytes;
+        let chunks = std::mem::take(&mut self.chunks);
+        let mut lines = chunks.split(|byte| *byte == b'\n').peekable();
+        while let Some(line) = lines.next() {
+            // The split leaves an empty piece after a final CRLF.
+            if lines.peek().is_none() && line.is_empty() {
+                break;
+            }
+            content.push_line(line.strip_suffix(b"\r").unwrap_or(line), limit_bytes);
+        }
+        let started = self
+            .chunks_started_micros
+            .take()
+            .unwrap_or_else(micros_since_epoch);
+        self.complete_message(content, started)
+    }
+
+    /// Appends the next `size` bytes of input to `chunks`. Returns false
+    /// when the connection closed first.
+    fn read_chunk(&mut self, size: usize) -> bool {
+        let mut remaining = size;
+        loop {
+            let available = (self.pending.len() - self.pending_start).min(remaining);
+            let start = self.pending_start;
+            self.chunks
+                .extend_from_slice(&self.pending[start..start + available]);
+            self.pending_start += available;
+            remaining -= available;
+            if remaining == 0 {
+                return true;
+            }
+            self.pending.clear();
+            self.pending_start = 0;
+            let Some(transport) = self.transport.as_mut() else {
+                return false;
+            };
+            self.pending.resize(READ_CHUNK_BYTES, 0);
+            match transport.read(&mut self.pending) {
+                Ok(0) | Err(_) => {
+                    self.pending.clear();
+                    self.close();
+                    return false;
+                }
+                Ok(len) => self.pending.truncate(len),
+            }
+        }
+    }
+
+    /// Replies to a message whose content is read, after DATA or the last
+    /// BDAT chunk, and records it.
+    fn complete_message(&mut self, content: Content, data_started_micros: u64) -> Flow {
         let received_micros = micros_since_epoch();
         self.messages += 1;
         let too_large = content.size_bytes > self.script().max_message_bytes;

@@ -319,3 +319,37 @@ fn pipelined_injection_delivers_each_message() {
     assert_eq!(received[2].raw, b"Subject: 3\r\n\r\nthree\r\n");
     assert_eq!(received[1].rcpt_to, vec!["b@x.test".to_string()]);
 }
+
+/// A message in several BDAT chunks, with a line split across two of them:
+/// each chunk but the last gets its own 250, and the content arrives whole.
+#[test]
+fn bdat_chunks_make_one_message() {
+    let script = Script {
+        chunking: true,
+        ..Script::default()
+    };
+    let receiver = ScriptedReceiver::start(loopback(1), script).expect("start");
+    let mut client = Client::connect(receiver.addr());
+    assert_eq!(client.reply(), 220);
+    client.send(b"EHLO client.test\r\n");
+    let mut ehlo = String::new();
+    loop {
+        let mut line = String::new();
+        client.reader.read_line(&mut line).expect("EHLO reply");
+        ehlo.push_str(&line);
+        if line.as_bytes().get(3) == Some(&b' ') {
+            break;
+        }
+    }
+    assert!(ehlo.contains("CHUNKING"), "{ehlo}");
+    assert_eq!(client.command("MAIL FROM:<s@sender.test>"), 250);
+    assert_eq!(client.command("RCPT TO:<r@a.test>"), 250);
+    client.send(b"BDAT 16\r\nSubject: x\r\n\r\n.d");
+    assert_eq!(client.reply(), 250);
+    client.send(b"BDAT 8 LAST\r\not\r\nok\r\n");
+    assert_eq!(client.reply(), 250);
+    let received = receiver
+        .wait_for(1, Duration::from_secs(10))
+        .expect("message");
+    assert_eq!(received[0].raw, b"Subject: x\r\n\r\n.dot\r\nok\r\n");
+}
