@@ -81,6 +81,14 @@ fn main() {
                 elapsed.as_secs_f64(),
                 appends / elapsed.as_secs_f64()
             );
+            let stats = shard.take_commit_stats();
+            println!(
+                "{} commits of {:.0} appends on average; fdatasync p50 {} us, p99 {} us",
+                stats.commits(),
+                stats.batch_records_total as f64 / stats.commits().max(1) as f64,
+                stats.fsync_us.value_at_quantile(0.5),
+                stats.fsync_us.value_at_quantile(0.99)
+            );
             shard.close().await.expect("close");
         });
 }
