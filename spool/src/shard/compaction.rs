@@ -19,7 +19,8 @@
 //! A crash between the two steps leaves both copies on disk; recovery keeps
 //! the newer one (see `recovery.rs`).
 
-use super::{LiveMessage, Shard, SpaceUse, wait_durable};
+use super::commit::wait_durable;
+use super::{LiveMessage, Shard, SpaceUse};
 use crate::error::{AppendError, CommitError};
 use crate::format::{BuildError, SEALED_OUTCOME_RECORD_BYTES};
 use crate::storage::{Segment, Storage};
