@@ -188,15 +188,19 @@ pub enum Outcome {
     Expired,
 }
 
-/// A position in a shard's append order. [`Shard::durable`] resolves once a
-/// completed fdatasync covers it.
+/// One record's position in a shard's append order, and the segment that
+/// contains it. [`Shard::durable`] resolves once a completed fdatasync
+/// covers that record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CommitSeq(u64);
+pub struct CommitSeq {
+    pub(crate) seq: u64,
+    pub(crate) segment: u32,
+}
 
 impl CommitSeq {
     /// Returns the position as a number, for logs and metrics.
     pub fn get(self) -> u64 {
-        self.0
+        self.seq
     }
 }
 

@@ -337,12 +337,16 @@ impl<S: Storage + 'static> Shard<S> {
         Ok(self.note_append(segment, record_bytes))
     }
 
-    /// Resolves when a completed fdatasync covers `seq`.
+    /// Resolves when a completed fdatasync covers the record that returned
+    /// `seq`.
     ///
-    /// Returns an error if that sync failed or the shard closed first; see
-    /// [`CommitError`] for what a failure means for the data.
+    /// Returns an error if its segment's sync failed or the shard closed
+    /// first; see [`CommitError`] for what a failure means for the data. The
+    /// result covers that record only: after a failed sync, an earlier record
+    /// in the failed segment can fail while a later one in the next segment
+    /// succeeds, so a caller that needs several records waits for each.
     pub async fn durable(&self, seq: CommitSeq) -> Result<(), CommitError> {
-        wait_durable(&self.inner, seq.0).await
+        wait_durable(&self.inner, seq).await
     }
 
     /// Reads a message record back and decrypts it.
@@ -406,7 +410,8 @@ impl<S: Storage + 'static> Shard<S> {
     }
 
     /// Syncs everything appended so far and stops the committer. Appends are
-    /// rejected afterwards.
+    /// rejected afterwards. Returns the first sync failure since the shard
+    /// opened, if there was one, even when later commits succeeded.
     pub async fn close(&self) -> Result<(), CommitError> {
         let inner = &self.inner;
         {
@@ -417,7 +422,7 @@ impl<S: Storage + 'static> Shard<S> {
         poll_fn(|context| {
             let mut commit = inner.commit.borrow_mut();
             if commit.committer_done {
-                return Poll::Ready(match &commit.failed {
+                return Poll::Ready(match &commit.first_failure {
                     Some(error) => Err(error.clone()),
                     None => Ok(()),
                 });
@@ -479,9 +484,6 @@ impl<S: Storage + 'static> Shard<S> {
         let commit = self.inner.commit.borrow();
         if commit.closing {
             return Err(AppendError::Closed);
-        }
-        if let Some(CommitError::SyncFailed { segment, .. }) = &commit.failed {
-            return Err(AppendError::SegmentFailed { segment: *segment });
         }
         Ok(())
     }
@@ -580,7 +582,10 @@ impl<S: Storage + 'static> Shard<S> {
         commit.appended += 1;
         commit.appended_bytes += record_bytes;
         commit.wake_committer();
-        CommitSeq(commit.appended)
+        CommitSeq {
+            seq: commit.appended,
+            segment,
+        }
     }
 
     /// Counts one more live message in `segment`, which keeps `bytes` of it

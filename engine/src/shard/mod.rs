@@ -376,7 +376,7 @@ async fn adopt_orphans(
         let (old, messages, _) = SpoolShard::open(orphan_options).await.map_err(|error| {
             format!("core {own}: spool shard {orphan} failed to open for adoption: {error}")
         })?;
-        let mut last_seq = None;
+        let mut seqs = Vec::new();
         let mut adopted = Vec::new();
         for message in messages {
             let stored = old.read_message(message.record).map_err(|error| {
@@ -401,14 +401,16 @@ async fn adopt_orphans(
             let (record, seq) = spool
                 .append_message(&envelope, &stored.body)
                 .map_err(|error| format!("core {own}: adopting shard {orphan} failed: {error}"))?;
-            last_seq = Some(seq);
+            seqs.push(seq);
             adopted.push(caduceus_spool::RecoveredMessage {
                 record,
                 envelope,
                 states,
             });
         }
-        if let Some(seq) = last_seq {
+        // A failed sync fails only its own segment, so each copy is checked
+        // before the old shard's files go.
+        for seq in seqs {
             spool.durable(seq).await.map_err(|error| {
                 format!("core {own}: adopting shard {orphan} failed to sync: {error}")
             })?;
