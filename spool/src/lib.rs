@@ -167,6 +167,8 @@ pub enum RecipientState {
     Delivered,
     Bounced,
     Expired,
+    /// An operator deleted the recipient before it was delivered.
+    Deleted,
 }
 
 impl RecipientState {
@@ -186,6 +188,8 @@ pub enum Outcome {
     Delivered,
     Bounced,
     Expired,
+    /// An operator deleted the recipient; no DSN is sent for it.
+    Deleted,
 }
 
 /// One record's position in a shard's append order, and the segment that

@@ -323,6 +323,7 @@ impl<S: Storage + 'static> Shard<S> {
                 Outcome::Delivered => RecipientState::Delivered,
                 Outcome::Bounced => RecipientState::Bounced,
                 Outcome::Expired => RecipientState::Expired,
+                Outcome::Deleted => RecipientState::Deleted,
             };
             if segment != message.segment && !entry.outcome_segments.contains(&segment) {
                 entry.outcome_segments.push(segment);

@@ -1504,8 +1504,8 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
                 shard,
                 &item,
                 index,
-                RecipientState::Bounced,
-                Outcome::Bounced,
+                RecipientState::Deleted,
+                Outcome::Deleted,
                 attempts,
                 None,
             );
@@ -1538,8 +1538,8 @@ fn delete_handed(shard: &Rc<Shard>, item: &WorkItem) -> usize {
             shard,
             item,
             *index,
-            RecipientState::Bounced,
-            Outcome::Bounced,
+            RecipientState::Deleted,
+            Outcome::Deleted,
             attempts,
             None,
         );
