@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -272,6 +273,62 @@ fn failed_sync_of_retired_segment_is_deleted_when_released() {
         assert!(disk.segments().contains(&kept.segment));
         let _ = shard.close().await;
     });
+}
+
+#[test]
+fn overlapping_commits_ack_only_durable_records() {
+    // Enough appends for dozens of roll-overs, where one commit spans two
+    // segments and a later commit covers only the second.
+    const ROUNDS: u32 = 60;
+    let disk = SimDisk::new();
+    let acknowledged = run(async {
+        let (shard, _, _) = open(&disk, true).await;
+        let acknowledged = Rc::new(RefCell::new(Vec::new()));
+        let mut appenders = Vec::new();
+        // 16 appenders keep appending while commits of 8 run, so several
+        // commits are in flight at once.
+        for appender in 0..16u32 {
+            let shard = shard.clone();
+            let disk = disk.clone();
+            let acknowledged = acknowledged.clone();
+            appenders.push(glommio::spawn_local(async move {
+                for round in 0..ROUNDS {
+                    // Staggered think times keep the appenders out of step,
+                    // so new commits start while earlier ones sync.
+                    for _ in 0..(appender + round) % 4 {
+                        futures_lite::future::yield_now().await;
+                    }
+                    let tag = appender * 100 + round;
+                    let (record, seq) = shard
+                        .append_message(&envelope(tag, 1), &body(tag, 700))
+                        .unwrap();
+                    shard.durable(seq).await.unwrap();
+                    assert_durable(&disk, record);
+                    acknowledged.borrow_mut().push(record);
+                }
+            }));
+        }
+        for appender in appenders {
+            appender.await;
+        }
+        shard.close().await.unwrap();
+        acknowledged.take()
+    });
+    assert_eq!(acknowledged.len(), 16 * ROUNDS as usize);
+    let segments: std::collections::BTreeSet<u32> =
+        acknowledged.iter().map(|record| record.segment).collect();
+    assert!(segments.len() > 3, "only {segments:?} were written");
+    let crashed = disk.crash(0);
+    let recovered = run(async {
+        let (shard, recovered, _) = open(&crashed, true).await;
+        drop(shard);
+        recovered
+    });
+    let recovered: std::collections::BTreeSet<RecordRef> =
+        recovered.iter().map(|message| message.record).collect();
+    for record in &acknowledged {
+        assert!(recovered.contains(record), "acknowledged {record} lost");
+    }
 }
 
 #[test]
