@@ -216,10 +216,10 @@ fn spool_group_commit(criterion: &mut Criterion) {
     group.finish();
 }
 
-/// Opens a fresh spool in `dir` with `commit_max_batch` set to `batch`, then
-/// appends `messages` 2 KiB messages, waiting for the commit of the oldest
-/// one whenever [`PIPELINED_IN_FLIGHT`] are waiting, and returns the time
-/// until the last one is durable. Each message is released once durable.
+/// Opens a fresh spool in `dir` with `commit_max_batch` set to `batch` and
+/// appends `messages` 2 KiB messages. Whenever [`PIPELINED_IN_FLIGHT`] wait
+/// for their commit, it waits for the oldest one and releases it. Returns
+/// the time until the last message is durable.
 fn spool_pipeline(dir: &Path, encrypted: bool, batch: u32, messages: u64) -> Duration {
     let spool_dir = dir.join(format!("spool-{}", MessageId::random()));
     glommio::LocalExecutorBuilder::default()

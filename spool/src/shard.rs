@@ -342,10 +342,11 @@ impl<S: Storage + 'static> Shard<S> {
     /// `seq`.
     ///
     /// Returns an error if its segment's sync failed or the shard closed
-    /// first; see [`CommitError`] for what a failure means for the data. The
-    /// result covers that record only: after a failed sync, an earlier record
-    /// in the failed segment can fail while a later one in the next segment
-    /// succeeds, so a caller that needs several records waits for each.
+    /// first. [`CommitError`] describes what a failure means for the data.
+    /// The result covers that record only. After a failed sync, an earlier
+    /// record in the failed segment can fail while a later one in the next
+    /// segment succeeds, so a caller that needs several records waits for
+    /// each.
     pub async fn durable(&self, seq: CommitSeq) -> Result<(), CommitError> {
         wait_durable(&self.inner, seq).await
     }

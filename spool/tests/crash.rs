@@ -232,8 +232,8 @@ fn failed_sync_retires_only_its_segment() {
         assert_durable(&disk, later);
         assert_eq!(shard.read_message(good).unwrap().body, body(1, 100));
 
-        // The engine drops the messages it answered 4xx; the retired segment
-        // stays while the good message is live.
+        // The engine releases the messages whose commit failed. The retired
+        // segment stays while the good message is live.
         shard.release(first);
         shard.release(second);
         assert!(disk.segments().contains(&good.segment));
@@ -251,7 +251,7 @@ fn failed_sync_retires_only_its_segment() {
 }
 
 #[test]
-fn failed_sync_of_retired_segment_is_deleted_when_released() {
+fn retired_segment_deleted_when_released() {
     let disk = SimDisk::new();
     run(async {
         let (shard, _, _) = open(&disk, false).await;

@@ -316,8 +316,8 @@ fn show_reports_deleted_recipient() {
         "{stdout}"
     );
 
-    // The outcome record itself says deleted: the stopped engine's files
-    // show the same.
+    // The spool files contain the deleted outcome too, so the stopped
+    // engine shows the same.
     engine.sigterm().expect("SIGTERM");
     let status = engine.wait_exit(WAIT).expect("engine exit");
     assert!(status.success(), "engine exit: {status:?}");
