@@ -897,6 +897,12 @@ pub fn decode_envelope(
     }
 }
 
+/// Returns the body length of an original message payload; call it after
+/// [`decode_envelope`] accepted the payload.
+pub fn message_body_len(plain: &AlignedVec) -> u32 {
+    read_u32(plain, MESSAGE_BODY_LENGTH_OFFSET)
+}
+
 /// Decodes a relocated message payload produced by [`CheckedRecord::open`].
 pub fn decode_relocated(
     header: &RecordHeader,

@@ -229,6 +229,12 @@ pub struct RecoveryReport {
     /// Damaged records left in place: segment, offset and the reason.
     pub quarantined: Vec<(u32, u64, String)>,
     pub elapsed: Duration,
+    /// The records that [`SpoolOptions::list_appends`] selects, in append
+    /// order.
+    pub appends: Vec<AppendedMessage>,
+    /// The location of the last original message record, which every
+    /// later append follows.
+    pub last_append: Option<RecordRef>,
 }
 
 /// A message read back from the spool.
@@ -259,6 +265,32 @@ pub struct SpoolOptions {
     /// Free disk space, in bytes, that the spool leaves untouched: a new
     /// segment is not created when it would leave less than this.
     pub reserve_bytes: u64,
+    /// Which original message records recovery lists in
+    /// [`RecoveryReport::appends`], finished or not.
+    pub list_appends: ListAppends,
+}
+
+/// Selects the original message records (not relocated copies) that
+/// recovery lists with their envelopes. The audit trail uses it to find the
+/// messages whose `accepted` records a crash kept from reaching its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ListAppends {
+    /// List none.
+    #[default]
+    Off,
+    /// List every original message record.
+    All,
+    /// List the original message records after this location in append
+    /// order.
+    After(RecordRef),
+}
+
+/// An original message record listed by recovery (see [`ListAppends`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendedMessage {
+    pub record: RecordRef,
+    pub envelope: Envelope,
+    pub body_bytes: u64,
 }
 
 impl SpoolOptions {
@@ -273,6 +305,7 @@ impl SpoolOptions {
             commit_max_batch: 256,
             keyring: None,
             reserve_bytes: 1024 * 1024 * 1024,
+            list_appends: ListAppends::Off,
         }
     }
 }

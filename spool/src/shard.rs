@@ -200,8 +200,13 @@ impl<S: Storage + 'static> Shard<S> {
                 options.segment_size_bytes
             )));
         }
-        let recovered =
-            recovery::recover(&storage, options.shard, options.keyring.as_ref()).await?;
+        let recovered = recovery::recover(
+            &storage,
+            options.shard,
+            options.keyring.as_ref(),
+            options.list_appends,
+        )
+        .await?;
         let free_bytes = storage.free_bytes().unwrap_or(u64::MAX);
         let inner = Rc::new(Inner {
             storage,

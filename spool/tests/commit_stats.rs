@@ -21,6 +21,7 @@ fn sim_options(commit_max_batch: u32) -> SpoolOptions {
         commit_max_batch,
         keyring: Some(test_keyring(5, 0x33)),
         reserve_bytes: 0,
+        list_appends: Default::default(),
     }
 }
 

@@ -26,6 +26,7 @@ fn sim_options(encrypted: bool) -> SpoolOptions {
         commit_max_batch: 8,
         keyring: encrypted.then(|| test_keyring(7, 0x33)),
         reserve_bytes: 0,
+        list_appends: Default::default(),
     }
 }
 

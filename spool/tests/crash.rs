@@ -23,6 +23,7 @@ fn sim_options(encrypted: bool) -> SpoolOptions {
         commit_max_batch: 8,
         keyring: encrypted.then(|| test_keyring(4, 0x5a)),
         reserve_bytes: 0,
+        list_appends: Default::default(),
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,37 +34,6 @@ fn run_caduceus(args: &[&str], config: &Path) -> (bool, String, String) {
 }
 
 /// The lines of every file of one audit stream, oldest first.
-fn stream_files(state: &Path, stream: &str) -> Vec<PathBuf> {
-    let dir = state.join("log").join("audit");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("audit directory")
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| {
-                    name.starts_with(&format!("{stream}-")) && name.ends_with(".jsonl")
-                })
-        })
-        .collect();
-    files.sort();
-    files
-}
-
-fn audit_records(state: &Path, stream: &str) -> Vec<serde_json::Value> {
-    stream_files(state, stream)
-        .iter()
-        .flat_map(|path| {
-            std::fs::read_to_string(path)
-                .expect("audit file")
-                .lines()
-                .map(|line| serde_json::from_str(line).expect("audit line is JSON"))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 fn today() -> String {
     let output = Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
@@ -121,7 +90,7 @@ fn other_uid_submission_is_audited_and_verifies() {
         engine.stderr()
     );
 
-    let records = audit_records(engine.state_dir(), "core-0");
+    let records = common::audit_records(engine.state_dir(), "core-0");
     let accepted: Vec<_> = records
         .iter()
         .filter(|record| record["event"] == "accepted")
@@ -143,7 +112,7 @@ fn other_uid_submission_is_audited_and_verifies() {
         recipient.starts_with("hmac:"),
         "recipient_logging defaults to hmac: {recipient}"
     );
-    let text = stream_files(engine.state_dir(), "core-0")
+    let text = common::audit_stream_files(engine.state_dir(), "core-0")
         .iter()
         .map(|path| std::fs::read_to_string(path).unwrap())
         .collect::<String>();
@@ -173,7 +142,7 @@ fn other_uid_submission_is_audited_and_verifies() {
     assert!(anchor.contains("\"stream\":\"core-0\""), "{anchor}");
 
     // Edit the accepted record's uid: verify names that line.
-    let file = &stream_files(engine.state_dir(), "core-0")[0];
+    let file = &common::audit_stream_files(engine.state_dir(), "core-0")[0];
     let content = std::fs::read_to_string(file).unwrap();
     let edited = content.replacen("\"peer_uid\":65534", "\"peer_uid\":65533", 1);
     assert_ne!(content, edited);

@@ -328,6 +328,11 @@ impl StreamWriter {
         !self.buffer.is_empty()
     }
 
+    /// The bytes buffered and not yet written to the file.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// True when records were written since the last completed sync.
     pub fn needs_sync(&self) -> bool {
         self.synced.seq != self.head.seq

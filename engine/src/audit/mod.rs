@@ -9,16 +9,20 @@
 //! and reply texts never appear: a remote reply may quote the recipient's
 //! address, which `recipient_logging = "hmac"` promises to hide.
 //!
-//! Durability: the `accepted` record is written before the spool's group
-//! commit completes. Its `fdatasync` runs through io_uring, on a glommio
-//! `BufferedFile` opened on the same path, concurrently with the spool's
-//! sync, and the `250` waits for both. Concurrent submissions share one
-//! sync, like the spool's group commit. Outcome records are buffered and
-//! written and synced at the next accepted record or within 100 ms.
+//! Durability: the `accepted` record shares the spool's group commit. It is
+//! staged when the message is appended to the spool, and the `250` waits
+//! for the spool's sync only. The flush task writes and syncs the staged
+//! records every 100 ms through io_uring (`fdatasync` on a glommio
+//! `BufferedFile` opened on the same path). A crash can lose staged records,
+//! but not the spool record that holds the same fields, so the start
+//! rebuilds the lost `accepted` records from the spool (see [`reconcile`]).
+//! A finished message is released from the spool only once its records are
+//! synced.
 
 pub mod chain;
 pub mod date;
 pub mod key;
+pub mod reconcile;
 pub mod report;
 pub mod verify;
 
@@ -29,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caduceus_policy::config::Config;
-use caduceus_spool::Envelope;
+use caduceus_spool::{Envelope, ListAppends, RecordRef, RecoveryReport, Shard as SpoolShard};
 use glommio::io::BufferedFile;
 use serde::Serialize;
 
@@ -37,8 +41,12 @@ use crate::deliverylog::{Entry, Event, now_us};
 use chain::StreamWriter;
 use key::AuditKey;
 
-/// How often an executor writes and syncs buffered outcome records.
+/// How often an executor writes and syncs its staged records.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Staged bytes that are written out at once rather than at the next flush,
+/// to bound the buffer.
+const WRITE_OUT_BYTES: usize = 1 << 20;
 
 /// One audit record's own fields; the chain fields come first on the line.
 #[derive(Debug, Serialize)]
@@ -46,7 +54,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub enum AuditEvent {
     /// A stream opened (engine start).
     Started { pid: u32 },
-    /// A message was accepted from a client on a lane socket.
+    /// A message was accepted from a client on a lane socket. `recovered`
+    /// marks a record rebuilt from the spool at start, after a crash kept
+    /// the original from the file.
     Accepted {
         message_id: String,
         lane: &'static str,
@@ -55,7 +65,36 @@ pub enum AuditEvent {
         peer_gid: u32,
         peer_pid: u32,
         recipients: usize,
-        size_bytes: usize,
+        size_bytes: u64,
+        received_at_us: u64,
+        /// The spool record, as `segment:offset` (see [`reconcile`]);
+        /// absent from a record rebuilt from an adopted shard.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        spool: Option<String>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        recovered: bool,
+        /// The adopted shard whose spool a record was rebuilt from.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from_shard: Option<u16>,
+    },
+    /// A message of another executor's spool shard, left by an earlier
+    /// allocation of cores, was copied into this executor's shard.
+    Adopted {
+        message_id: String,
+        from_shard: u16,
+        lane: &'static str,
+        category: &'static str,
+        /// The recipients still pending, which the copy carries.
+        recipients: usize,
+        spool: String,
+    },
+    /// The start checked the spool shard for `accepted` records that a
+    /// crash kept from the files, and rebuilt `recovered` of them. `spool`
+    /// is the shard's last append then; absent when the shard was empty.
+    SpoolReconciled {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        spool: Option<String>,
+        recovered: usize,
     },
     /// One recipient's outcome: delivered, deferred, bounced, expired or
     /// deleted (the `outcome` field).
@@ -66,6 +105,8 @@ pub enum AuditEvent {
         dsn_message_id: String,
         action: &'static str,
         lane: &'static str,
+        /// The DSN's spool record, as `segment:offset`.
+        spool: String,
     },
     /// An administrative command on the control socket.
     Admin {
@@ -256,6 +297,15 @@ pub struct CoreStream {
     sync_lock: glommio::sync::Semaphore,
     synced_seq: Cell<u64>,
     closed: Cell<bool>,
+    /// The spool records that may lack their `accepted` records, found when
+    /// the stream opened (see [`reconcile`]).
+    appends_to_check: ListAppends,
+    /// Finished messages to release from the spool once the stream is
+    /// synced through the seq beside them, in seq order.
+    releases: RefCell<Vec<(u64, RecordRef)>>,
+    spool: RefCell<Option<Rc<SpoolShard>>>,
+    /// The audit directory, to read the streams of adopted shards.
+    dir: PathBuf,
 }
 
 thread_local! {
@@ -268,9 +318,12 @@ fn core_stream() -> Option<Rc<CoreStream>> {
 }
 
 /// Opens executor `index`'s stream and makes it this thread's stream.
-/// Call inside the executor before it accepts mail. Starts the flush task.
+/// Call inside the executor before it opens its spool shard. Starts the
+/// flush task.
 pub fn install_core(setup: &AuditSetup, index: u16) -> Result<(), String> {
-    let writer = setup.open_stream(&format!("core-{index}"))?;
+    let name = format!("core-{index}");
+    let writer = setup.open_stream(&name)?;
+    let appends_to_check = stream_appends_to_check(&setup.dir, index)?;
     let synced = writer.head().seq;
     let stream = Rc::new(CoreStream {
         writer: RefCell::new(writer),
@@ -278,6 +331,10 @@ pub fn install_core(setup: &AuditSetup, index: u16) -> Result<(), String> {
         sync_lock: glommio::sync::Semaphore::new(1),
         synced_seq: Cell::new(synced),
         closed: Cell::new(false),
+        appends_to_check,
+        releases: RefCell::new(Vec::new()),
+        spool: RefCell::new(None),
+        dir: setup.dir.clone(),
     });
     CORE.with(|core| *core.borrow_mut() = Some(stream.clone()));
     glommio::spawn_local(async move {
@@ -290,12 +347,29 @@ pub fn install_core(setup: &AuditSetup, index: u16) -> Result<(), String> {
             if let Some(seq) = target
                 && let Err(error) = stream.sync_through(seq).await
             {
-                tracing::error!(core = index, %error, "audit: outcome records failed to write or sync; retrying");
+                tracing::error!(core = index, %error, "audit: records failed to write or sync; retrying");
             }
         }
     })
     .detach();
     Ok(())
+}
+
+/// Reads stream `core-<shard>` back for [`reconcile::appends_to_check`].
+fn stream_appends_to_check(dir: &Path, shard: u16) -> Result<ListAppends, String> {
+    let name = format!("core-{shard}");
+    let files = chain::list_streams(dir)
+        .map_err(|error| format!("cannot list {}: {error}", dir.display()))?
+        .into_iter()
+        .find(|(stream, _)| *stream == name)
+        .map(|(_, files)| files)
+        .unwrap_or_default();
+    reconcile::appends_to_check(&files).map_err(|error| {
+        format!(
+            "audit stream {name} in {} could not be read back: {error}",
+            dir.display()
+        )
+    })
 }
 
 /// Syncs and checkpoints this executor's stream; call when the executor
@@ -317,7 +391,7 @@ pub async fn close_core() {
 
 impl CoreStream {
     /// Writes out buffered records and waits until every record up to
-    /// `seq` is durable.
+    /// `seq` is durable, then releases the messages waiting for it.
     async fn sync_through(&self, seq: u64) -> std::io::Result<()> {
         let _permit = self
             .sync_lock
@@ -341,7 +415,25 @@ impl CoreStream {
             .await
             .map_err(|error| std::io::Error::other(error.to_string()))?;
         self.synced_seq.set(head.seq);
+        self.release_synced();
         self.writer.borrow_mut().mark_synced(head)
+    }
+
+    /// Releases the messages whose records are now durable.
+    fn release_synced(&self) {
+        let synced = self.synced_seq.get();
+        let mut releases = self.releases.borrow_mut();
+        let ready = releases.partition_point(|(seq, _)| *seq <= synced);
+        if ready == 0 {
+            return;
+        }
+        let spool = self.spool.borrow();
+        let Some(spool) = spool.as_ref() else {
+            return;
+        };
+        for (_, record) in releases.drain(..ready) {
+            spool.release(record);
+        }
     }
 
     async fn sync_handle(&self, generation: u64, path: &Path) -> std::io::Result<Rc<BufferedFile>> {
@@ -359,46 +451,191 @@ impl CoreStream {
         Ok(file)
     }
 
+    /// Stages a record, and writes out the buffer when it has grown large.
     fn stage(&self, event: &AuditEvent) -> std::io::Result<u64> {
-        self.writer.borrow_mut().stage(event, now_us())
+        let mut writer = self.writer.borrow_mut();
+        let seq = writer.stage(event, now_us())?;
+        if writer.buffered_bytes() >= WRITE_OUT_BYTES {
+            writer.write_out()?;
+        }
+        Ok(seq)
     }
 }
 
-/// Records an accepted message and returns a future that completes when
-/// the record is durable. The line is written before this returns, so it
-/// reaches the file before the spool's commit completes; await the future
-/// together with `spool.durable(seq)` before answering `250`. Without an
-/// audit stream on this thread the future completes at once.
-pub fn accepted(
-    envelope: &Envelope,
-    size_bytes: usize,
-) -> impl std::future::Future<Output = Result<(), String>> + use<> {
-    let stream = core_stream();
-    let staged = stream.as_ref().map(|stream| {
-        let event = AuditEvent::Accepted {
-            message_id: envelope.message_id.to_string(),
-            lane: envelope.lane.as_str(),
-            category: envelope.category.as_str(),
-            peer_uid: envelope.peer_uid,
-            peer_gid: envelope.peer_gid,
-            peer_pid: envelope.peer_pid,
-            recipients: envelope.recipients.len(),
-            size_bytes,
+/// Which spool records of this executor's shard may lack their `accepted`
+/// records: pass it to the spool's recovery, then hand its report to
+/// [`reconcile_spool`]. `Off` without an audit stream on this thread.
+pub fn appends_to_check() -> ListAppends {
+    core_stream().map_or(ListAppends::Off, |stream| stream.appends_to_check)
+}
+
+/// Rebuilds the `accepted` records of the spool records that recovery
+/// listed, records the check and syncs the stream. Call once per start,
+/// after the spool shard opened and before it takes new mail. A listed DSN
+/// whose `dsn` record was lost is rebuilt as a recovered `accepted` record
+/// too.
+pub fn reconcile_spool(spool: &Rc<SpoolShard>, report: &RecoveryReport) -> Result<(), String> {
+    let Some(stream) = core_stream() else {
+        return Ok(());
+    };
+    *stream.spool.borrow_mut() = Some(spool.clone());
+    stream.rebuild(report, None)
+}
+
+/// Which spool records of the adopted shard `orphan` may lack their
+/// `accepted` records, from that shard's own stream; `Off` without an
+/// audit stream on this thread.
+pub fn orphan_appends_to_check(orphan: u16) -> Result<ListAppends, String> {
+    match core_stream() {
+        Some(stream) => stream_appends_to_check(&stream.dir, orphan),
+        None => Ok(ListAppends::Off),
+    }
+}
+
+/// Rebuilds, in this executor's stream, the `accepted` records that the
+/// adopted shard `orphan`'s stream lacks; see [`orphan_appends_to_check`].
+pub fn reconcile_orphan(orphan: u16, report: &RecoveryReport) -> Result<(), String> {
+    match core_stream() {
+        Some(stream) if !report.appends.is_empty() => stream.rebuild(report, Some(orphan)),
+        _ => Ok(()),
+    }
+}
+
+impl CoreStream {
+    /// Stages a recovered `accepted` record per listed append, then the
+    /// `spool_reconciled` record when `orphan` is `None` (the own shard),
+    /// and writes and syncs them.
+    fn rebuild(&self, report: &RecoveryReport, orphan: Option<u16>) -> Result<(), String> {
+        let mut writer = self.writer.borrow_mut();
+        let now = now_us();
+        let mut stage = |event: &AuditEvent| {
+            writer.stage(event, now).map_err(|error| {
+                format!("audit stream {} failed to write: {error}", writer.stream())
+            })
         };
-        stream.stage(&event).and_then(|seq| {
-            stream.writer.borrow_mut().write_out()?;
-            Ok(seq)
-        })
-    });
-    async move {
-        match (stream, staged) {
-            (Some(stream), Some(Ok(seq))) => stream
-                .sync_through(seq)
-                .await
-                .map_err(|error| format!("audit record failed to sync: {error}")),
-            (_, Some(Err(error))) => Err(format!("audit record failed to write: {error}")),
-            _ => Ok(()),
+        for append in &report.appends {
+            let spool = orphan.is_none().then(|| reconcile::location(append.record));
+            stage(&accepted_event(
+                &append.envelope,
+                spool,
+                append.body_bytes,
+                Some(orphan),
+            ))?;
         }
+        if orphan.is_none() {
+            stage(&AuditEvent::SpoolReconciled {
+                spool: report.last_append.map(reconcile::location),
+                recovered: report.appends.len(),
+            })?;
+        }
+        writer
+            .write_and_sync()
+            .map_err(|error| format!("audit stream {} failed to sync: {error}", writer.stream()))?;
+        self.synced_seq.set(writer.head().seq);
+        if !report.appends.is_empty() {
+            tracing::warn!(
+                stream = writer.stream(),
+                from_shard = orphan,
+                recovered = report.appends.len(),
+                "audit: rebuilt accepted records from the spool that a crash kept from the audit files"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds the `accepted` record of a message. `rebuilt` is `None` at
+/// acceptance. For a record rebuilt at start, it contains the adopted shard
+/// that the message came from, if any.
+fn accepted_event(
+    envelope: &Envelope,
+    spool: Option<String>,
+    size_bytes: u64,
+    rebuilt: Option<Option<u16>>,
+) -> AuditEvent {
+    AuditEvent::Accepted {
+        message_id: envelope.message_id.to_string(),
+        lane: envelope.lane.as_str(),
+        category: envelope.category.as_str(),
+        peer_uid: envelope.peer_uid,
+        peer_gid: envelope.peer_gid,
+        peer_pid: envelope.peer_pid,
+        recipients: envelope.recipients.len(),
+        size_bytes,
+        received_at_us: envelope.received_at_us,
+        spool,
+        recovered: rebuilt.is_some(),
+        from_shard: rebuilt.flatten(),
+    }
+}
+
+/// Stages the record of a message accepted into the spool at `record`.
+/// Call right after the append, before anything else is appended, so that
+/// records stay in append order. The `250` need not wait for the record:
+/// the spool's commit makes it recoverable (see [`reconcile`]).
+pub fn accepted(envelope: &Envelope, record: RecordRef, size_bytes: usize) -> Result<(), String> {
+    let Some(stream) = core_stream() else {
+        return Ok(());
+    };
+    stream
+        .stage(&accepted_event(
+            envelope,
+            Some(reconcile::location(record)),
+            size_bytes as u64,
+            None,
+        ))
+        .map(|_| ())
+        .map_err(|error| format!("audit record failed to write: {error}"))
+}
+
+/// Records a message adopted from shard `from_shard` into this executor's
+/// spool shard at `record`. Call right after the append.
+pub fn adopted(envelope: &Envelope, record: RecordRef, from_shard: u16) {
+    let Some(stream) = core_stream() else {
+        return;
+    };
+    let event = AuditEvent::Adopted {
+        message_id: envelope.message_id.to_string(),
+        from_shard,
+        lane: envelope.lane.as_str(),
+        category: envelope.category.as_str(),
+        recipients: envelope.recipients.len(),
+        spool: reconcile::location(record),
+    };
+    if let Err(error) = stream.stage(&event) {
+        tracing::error!(message_id = %envelope.message_id, %error, "audit: adoption record failed to write");
+    }
+}
+
+/// Writes and syncs every staged record of this executor's stream.
+/// Compaction calls it before copying messages, so that no copy outlives
+/// the only spool record of a message whose `accepted` record is not yet
+/// durable.
+pub async fn sync_all() -> Result<(), String> {
+    let Some(stream) = core_stream() else {
+        return Ok(());
+    };
+    let head = stream.writer.borrow().head().seq;
+    stream
+        .sync_through(head)
+        .await
+        .map_err(|error| format!("audit records failed to sync: {error}"))
+}
+
+/// Releases a finished message from the spool once the audit records
+/// staged so far, its own among them, are durable, or at once without an
+/// audit stream. The wait matters because releasing may delete the
+/// message's segment, which [`reconcile`] needs to rebuild a lost record.
+pub fn release(spool: &SpoolShard, record: RecordRef) {
+    let Some(stream) = core_stream() else {
+        spool.release(record);
+        return;
+    };
+    let head = stream.writer.borrow().head().seq;
+    if stream.synced_seq.get() >= head {
+        spool.release(record);
+    } else {
+        stream.releases.borrow_mut().push((head, record));
     }
 }
 
@@ -420,7 +657,7 @@ pub fn record_outcome(entry: &Entry<'_>) {
 
 /// Records a DSN generated for `message_id`, from the DSN's own `received`
 /// delivery log entry (its note is `dsn failed` or `dsn relayed`).
-pub fn dsn_generated(message_id: &str, dsn_entry: &Entry<'_>) {
+pub fn dsn_generated(message_id: &str, dsn_entry: &Entry<'_>, record: RecordRef) {
     let Some(stream) = core_stream() else {
         return;
     };
@@ -433,6 +670,7 @@ pub fn dsn_generated(message_id: &str, dsn_entry: &Entry<'_>) {
         dsn_message_id: dsn_entry.message_id.to_string(),
         action,
         lane: dsn_entry.lane.as_str(),
+        spool: reconcile::location(record),
     };
     if let Err(error) = stream.stage(&event) {
         tracing::error!(message_id, %error, "audit: DSN record failed to write");

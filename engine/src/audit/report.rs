@@ -1,6 +1,7 @@
 //! `caduceus report`: the per-message table built from the audit streams.
 //!
-//! A message appears when its `accepted` record falls within the date
+//! A message appears when its receipt time (its `accepted` record's
+//! `received_at_us`, else the record's time) falls within the date
 //! range (UTC days, both ends included). Its outcomes are taken from every
 //! stream, whatever their date, because a retry may finish days later.
 
@@ -70,7 +71,12 @@ pub fn build(audit_dir: &Path, from: Date, to: Date) -> Result<Vec<MessageRow>, 
                 };
                 match value.get("event").and_then(Value::as_str) {
                     Some("accepted") => {
-                        let at_us = value.get("at_us").and_then(Value::as_u64).unwrap_or(0);
+                        // A record rebuilt at start is dated by the start;
+                        // the message's own receipt time comes first.
+                        let at_us = ["received_at_us", "at_us"]
+                            .into_iter()
+                            .find_map(|field| value.get(field).and_then(Value::as_u64))
+                            .unwrap_or(0);
                         if at_us < from_us || at_us >= to_us {
                             continue;
                         }

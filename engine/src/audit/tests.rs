@@ -356,6 +356,10 @@ fn report_lists_outcomes_per_recipient() {
         peer_pid: 42,
         recipients: 2,
         size_bytes: 100,
+        received_at_us: BASE_US,
+        spool: Some("1:64".into()),
+        recovered: false,
+        from_shard: None,
     };
     writer.stage(&accepted, BASE_US).unwrap();
     for (outcome, attempt) in [("deferred", 1), ("delivered", 2)] {
@@ -397,57 +401,196 @@ fn report_lists_outcomes_per_recipient() {
 /// The accepted line reaches the file before the caller awaits anything,
 /// so it is there before the spool's commit can complete. Awaiting the
 /// returned future syncs it, and closing writes a checkpoint.
-#[test]
-fn accepted_line_written_before_await() {
+/// A state directory with auditing on, and the envelope of a message with
+/// one recipient, for the tests that run an executor's stream.
+fn audited_state() -> (tempfile::TempDir, caduceus_policy::config::Config) {
     let directory = tempfile::tempdir().unwrap();
     let config = caduceus_policy::config::Config {
         state_dir: directory.path().to_path_buf(),
         ..Default::default()
     };
     std::fs::create_dir_all(directory.path().join("keys")).unwrap();
-    let state = directory.path().to_path_buf();
-    let result = glommio::LocalExecutorBuilder::default()
+    (directory, config)
+}
+
+fn test_envelope(id: u8) -> caduceus_spool::Envelope {
+    caduceus_spool::Envelope {
+        message_id: caduceus_spool::MessageId([id; 16]),
+        received_at_us: BASE_US,
+        expires_at_us: BASE_US + DAY_US,
+        lane: caduceus_policy::Lane::Transactional,
+        category: caduceus_policy::Category::Care,
+        sender: "clinic@example.org".into(),
+        envid: None,
+        ret: None,
+        body_8bit: false,
+        smtputf8: false,
+        peer_uid: 4242,
+        peer_gid: 4343,
+        peer_pid: 99,
+        recipients: vec![caduceus_spool::Recipient {
+            address: "patient@example.net".into(),
+            domain: "example.net".into(),
+            notify: 0,
+            orcpt: None,
+        }],
+    }
+}
+
+/// One start of executor 3: installs its stream, opens its spool shard
+/// with the audit check, runs `work` and, when `close` is set, closes the
+/// stream. Without `close` the staged records are dropped, as a crash
+/// would drop them. Returns what `work` returns.
+fn run_core<T: Send + 'static>(
+    config: &caduceus_policy::config::Config,
+    close: bool,
+    work: impl AsyncFnOnce(std::rc::Rc<caduceus_spool::Shard>) -> T + Send + 'static,
+) -> T {
+    let config = config.clone();
+    glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
             let setup = super::AuditSetup::open(&config)
                 .unwrap()
                 .expect("auditing is on by default");
             super::install_core(&setup, 3).unwrap();
-            let envelope = caduceus_spool::Envelope {
-                message_id: caduceus_spool::MessageId([7; 16]),
-                received_at_us: 1,
-                expires_at_us: 2,
-                lane: caduceus_policy::Lane::Transactional,
-                category: caduceus_policy::Category::Care,
-                sender: "clinic@example.org".into(),
-                envid: None,
-                ret: None,
-                body_8bit: false,
-                smtputf8: false,
-                peer_uid: 4242,
-                peer_gid: 4343,
-                peer_pid: 99,
-                recipients: Vec::new(),
-            };
-            let durable = super::accepted(&envelope, 123);
-            let files = stream_files_of(&state, "core-3");
-            let before = fs::read_to_string(&files[0]).unwrap();
-            durable.await.unwrap();
-            super::close_core().await;
-            before
+            let mut options = caduceus_spool::SpoolOptions::new(config.spool_dir(), 3);
+            options.segment_size_bytes = 1 << 20;
+            options.reserve_bytes = 0;
+            options.list_appends = super::appends_to_check();
+            let (spool, _, report) = caduceus_spool::Shard::open(options).await.unwrap();
+            super::reconcile_spool(&spool, &report).unwrap();
+            let result = work(spool.clone()).await;
+            if close {
+                super::close_core().await;
+            } else {
+                super::CORE.with(|core| core.borrow_mut().take());
+            }
+            spool.close().await.unwrap();
+            result
         })
         .unwrap()
         .join()
-        .unwrap();
-    assert!(result.contains("\"event\":\"accepted\""), "{result}");
-    assert!(result.contains("\"peer_uid\":4242"), "{result}");
-    assert!(result.contains("\"size_bytes\":123"), "{result}");
+        .unwrap()
+}
+
+fn audit_lines(state: &Path, stream: &str) -> Vec<serde_json::Value> {
+    stream_files_of(state, stream)
+        .iter()
+        .flat_map(|path| {
+            fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn events_of<'a>(lines: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+    lines.iter().filter(|line| line["event"] == event).collect()
+}
+
+#[test]
+fn accepted_record_names_the_spool_record_and_is_synced_at_close() {
+    let (directory, config) = audited_state();
+    run_core(&config, true, async |spool| {
+        let envelope = test_envelope(7);
+        let (record, seq) = spool.append_message(&envelope, b"body").unwrap();
+        super::accepted(&envelope, record, 123).unwrap();
+        spool.durable(seq).await.unwrap();
+    });
+    let lines = audit_lines(directory.path(), "core-3");
+    let accepted = events_of(&lines, "accepted");
+    assert_eq!(accepted.len(), 1, "{lines:#?}");
+    assert_eq!(accepted[0]["peer_uid"], 4242);
+    assert_eq!(accepted[0]["size_bytes"], 123);
+    assert_eq!(accepted[0]["received_at_us"], BASE_US);
+    assert!(accepted[0]["spool"].as_str().unwrap().starts_with("1:"));
+    assert!(accepted[0].get("recovered").is_none());
 
     let dir = directory.path().join("log").join("audit");
     let public = super::key::read_public_hex(&directory.path().join("keys")).unwrap();
     let report = verify(&dir, &public, &[]);
     assert!(report.problems.is_empty(), "{:#?}", report.problems);
-    assert_eq!(report.streams["core-3"].last_seq, 2, "started, accepted");
     assert!(report.streams["core-3"].checkpoints_checked >= 1);
+}
+
+/// A crash after the spool's commit and before the audit flush: the next
+/// start rebuilds the `accepted` record from the spool, once.
+#[test]
+fn accepted_record_lost_in_a_crash_is_rebuilt_from_the_spool() {
+    let (directory, config) = audited_state();
+    let audit_dir = directory.path().join("log").join("audit");
+    // A first start, which leaves a reconciled empty spool behind.
+    run_core(&config, true, async |_| ());
+    let before: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(&audit_dir)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let bytes = fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    let records = run_core(&config, false, async |spool| {
+        let mut records = Vec::new();
+        for id in [1, 2] {
+            let envelope = test_envelope(id);
+            let (record, seq) = spool.append_message(&envelope, b"body").unwrap();
+            super::accepted(&envelope, record, 4).unwrap();
+            spool.durable(seq).await.unwrap();
+            records.push(super::reconcile::location(record));
+        }
+        records
+    });
+    // The audit files lose what the crash kept from the disk.
+    for (path, bytes) in &before {
+        fs::write(path, bytes).unwrap();
+    }
+    run_core(&config, true, async |_| ());
+    let lines = audit_lines(directory.path(), "core-3");
+    let accepted = events_of(&lines, "accepted");
+    assert_eq!(accepted.len(), 2, "{lines:#?}");
+    for (line, record) in accepted.iter().zip(&records) {
+        assert_eq!(line["recovered"], true);
+        assert_eq!(line["spool"], record.as_str());
+        assert_eq!(line["peer_uid"], 4242);
+        assert_eq!(line["size_bytes"], 4);
+        assert_eq!(line["received_at_us"], BASE_US);
+    }
+    let reconciled = events_of(&lines, "spool_reconciled");
+    assert_eq!(reconciled.last().unwrap()["recovered"], 2);
+    assert_eq!(reconciled.last().unwrap()["spool"], records[1].as_str());
+
+    // The next start finds nothing to rebuild.
+    run_core(&config, true, async |_| ());
+    let lines = audit_lines(directory.path(), "core-3");
+    assert_eq!(events_of(&lines, "accepted").len(), 2);
+    assert_eq!(
+        events_of(&lines, "spool_reconciled").last().unwrap()["recovered"],
+        0
+    );
+    let public = super::key::read_public_hex(&directory.path().join("keys")).unwrap();
+    let report = verify(&audit_dir, &public, &[]);
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+}
+
+/// A finished message stays in the spool until its audit records are
+/// durable, because the spool record is what a lost record is rebuilt
+/// from.
+#[test]
+fn release_waits_for_the_audit_sync() {
+    let (_directory, config) = audited_state();
+    let (held, released) = run_core(&config, true, async |spool| {
+        let envelope = test_envelope(9);
+        let (record, seq) = spool.append_message(&envelope, b"body").unwrap();
+        super::accepted(&envelope, record, 4).unwrap();
+        spool.durable(seq).await.unwrap();
+        super::release(&spool, record);
+        let held = spool.stats().live_records;
+        super::sync_all().await.unwrap();
+        (held, spool.stats().live_records)
+    });
+    assert_eq!((held, released), (1, 0));
 }
 
 fn stream_files_of(state: &Path, stream: &str) -> Vec<PathBuf> {

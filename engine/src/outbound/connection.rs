@@ -78,6 +78,9 @@ pub struct Connection {
     /// without a completed DATA, so the server still holds its state; the
     /// next `send` starts with RSET (RFC 5321 §4.1.1.5).
     pub(super) needs_rset: bool,
+    /// Set by [`Connection::check_stale_on_send`]: the next `send` first
+    /// checks with RSET that the session is still open on the server.
+    pub(super) check_stale: bool,
     /// Set once the session can no longer be used; later calls return it.
     pub(super) failed: Option<SessionError>,
     /// The bound source address, when `ConnectParams::source` set one.
@@ -174,6 +177,7 @@ impl Connection {
             tls: None,
             messages_sent: 0,
             needs_rset: false,
+            check_stale: false,
             failed: None,
             source: params.source,
             guard: None,
@@ -383,6 +387,17 @@ impl Connection {
             .write_all(line, stage, self.timeouts.command)
             .await?;
         self.stream.read_reply(stage, self.timeouts.command).await
+    }
+
+    /// Makes the next [`Connection::send`] start with RSET, for a
+    /// connection taken from the pool. With PIPELINING the RSET goes out in
+    /// the same write as MAIL, RCPT and DATA, which saves a round trip per
+    /// message. When the RSET gets 421, no reply or a failed write, `send`
+    /// returns [`SessionError::Stale`] and the caller reconnects without
+    /// counting a delivery attempt, because the server closed the session
+    /// before it read any of the message's commands.
+    pub fn check_stale_on_send(&mut self) {
+        self.check_stale = true;
     }
 
     /// Sends RSET before the connection is reused for another message.

@@ -1001,6 +1001,9 @@ fn multiline_greeting_and_split_ehlo() {
         s.reply("250 2.1.0 Ok");
         s.expect("RCPT TO:<nobody@example.net>");
         s.send("550-5.1.1 The account you tried to reach does not exist.\r\n550-5.1.1 Check the address\r\n550 5.1.1 and try again.\r\n");
+        // DATA was pipelined after the RCPT (RFC 2920 §3.1).
+        s.expect("DATA");
+        s.reply("554 5.5.1 Error: no valid recipients");
         s.finish();
     })]);
     let body: &'static [u8] = b"Subject: caf\xc3\xa9\r\n\r\ncaf\xc3\xa9\r\n";
@@ -1340,6 +1343,8 @@ fn null_sender_rejected_is_permanent() {
         s.reply("501 5.1.7 Invalid MAIL FROM address");
         s.expect("RCPT TO:<app@example.com>");
         s.reply("503 5.5.1 need MAIL first");
+        s.expect("DATA");
+        s.reply("503 5.5.1 need MAIL first");
         s.finish();
     })]);
     let addr = mock.addr;
@@ -1596,6 +1601,102 @@ fn reset_on_live_connection() {
         assert_eq!(connection.messages_sent(), 2);
         connection.quit().await;
     });
+    mock.join();
+}
+
+/// A pooled connection's stale check goes out with the next transaction:
+/// the server reads RSET, MAIL, RCPT and DATA before the client waits for
+/// any reply.
+#[test]
+fn pooled_send_pipelines_rset_mail_rcpt_data() {
+    let mock = MockMx::start(vec![script(|s| {
+        s.greet(&["PIPELINING"]);
+        s.accept_transaction(1);
+        s.expect("RSET");
+        s.expect("MAIL FROM:<app@example.com>");
+        s.expect("RCPT TO:<a@example.net>");
+        s.expect("DATA");
+        s.send("250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n");
+        s.read_data();
+        s.reply("250 2.0.0 queued");
+        s.finish();
+    })]);
+    let addr = mock.addr;
+    run(async move {
+        let tls = TlsContext::new(None, true).expect("TLS context");
+        let config = test_config();
+        let mut connection = Connection::open(&tls, &params(addr, TlsMode::None, &config))
+            .await
+            .expect("open");
+        let recipients = [recipient("a@example.net")];
+        for round in 0..2 {
+            if round > 0 {
+                connection.check_stale_on_send();
+            }
+            let results = connection
+                .send(&message(&recipients, BODY))
+                .await
+                .expect("send");
+            assert!(is_delivered(&results[0]), "round {round}: {results:?}");
+        }
+        assert_eq!(connection.messages_sent(), 2);
+        connection.quit().await;
+    });
+    mock.join();
+}
+
+/// A server that closed the idle session replies 421 to the leading RSET,
+/// so the send reports a stale connection and decides no recipient.
+#[test]
+fn pooled_send_to_closed_session_is_stale() {
+    let mock = MockMx::start(vec![script(|s| {
+        s.greet(&["PIPELINING"]);
+        s.accept_transaction(1);
+        s.reply("421 4.4.2 mx.example.net command timeout");
+        s.close();
+    })]);
+    let addr = mock.addr;
+    run(async move {
+        let tls = TlsContext::new(None, true).expect("TLS context");
+        let config = test_config();
+        let mut connection = Connection::open(&tls, &params(addr, TlsMode::None, &config))
+            .await
+            .expect("open");
+        let recipients = [recipient("a@example.net")];
+        let results = connection
+            .send(&message(&recipients, BODY))
+            .await
+            .expect("send");
+        assert!(is_delivered(&results[0]));
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        connection.check_stale_on_send();
+        let error = connection
+            .send(&message(&recipients, BODY))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SessionError::Stale), "{error:?}");
+        assert!(!connection.is_usable());
+    });
+    mock.join();
+}
+
+/// A server may answer the pipelined DATA with 354 although it rejected
+/// every RCPT; the client then ends the empty data phase with a lone dot.
+#[test]
+fn pipelined_data_after_rejected_rcpts_ends_with_a_lone_dot() {
+    let mock = MockMx::start(vec![script(|s| {
+        s.greet(&["PIPELINING"]);
+        s.expect("MAIL FROM:");
+        s.expect("RCPT TO:<nobody@example.net>");
+        s.expect("DATA");
+        s.send("250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n354 go ahead\r\n");
+        s.expect(".");
+        s.reply("554 5.5.1 no valid recipients");
+        s.finish();
+    })]);
+    let results = deliver(mock.addr, TlsMode::None, &["nobody@example.net"], BODY).unwrap();
+    assert!(is_permanent(&results[0]), "{results:?}");
+    assert_eq!(results[0].reply().code, 550);
     mock.join();
 }
 

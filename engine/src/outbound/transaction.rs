@@ -16,6 +16,22 @@ use crate::smtp::{EnhancedStatus, Reply};
 /// neither side blocks on a full buffer (RFC 2920 §3.5).
 const RCPT_GROUP_SIZE: usize = 100;
 
+/// Options for a transaction's first pipelined group.
+#[derive(Clone, Copy, Default)]
+struct FirstGroup {
+    /// Lead with RSET, to check a pooled connection (see
+    /// [`Connection::check_stale_on_send`]).
+    rset: bool,
+}
+
+/// The replies to a transaction's MAIL, RCPTs and, when it was pipelined
+/// with them, DATA.
+struct Replies {
+    mail: Reply,
+    rcpts: Vec<Reply>,
+    data: Option<Reply>,
+}
+
 /// Bytes of message content gathered before a write. Larger body slices
 /// bypass the buffer and are written in place.
 const DATA_WRITE_BYTES: usize = 64 * 1024;
@@ -71,6 +87,17 @@ impl Connection {
         let mut pending: Vec<usize> = (0..results.len())
             .filter(|&index| results[index].is_none())
             .collect();
+        // A pooled connection is checked by an RSET of its own unless the
+        // RSET can lead the first pipelined group.
+        let mut rset_first = std::mem::take(&mut self.check_stale);
+        if rset_first && (!self.capabilities.pipelining || self.needs_rset) {
+            if self.reset().await.is_err() {
+                self.failed = Some(SessionError::Stale);
+                return Err(SessionError::Stale);
+            }
+            self.needs_rset = false;
+            rset_first = false;
+        }
         let mut completed_transaction = false;
         let mut first = true;
         while !pending.is_empty() {
@@ -81,8 +108,18 @@ impl Connection {
             }
             first = false;
             self.needs_rset = true;
+            let group = FirstGroup {
+                rset: std::mem::take(&mut rset_first),
+            };
             match self
-                .transaction(message, &prepared, &pending, use_smtputf8, &mut results)
+                .transaction(
+                    message,
+                    &prepared,
+                    &pending,
+                    use_smtputf8,
+                    group,
+                    &mut results,
+                )
                 .await
             {
                 Ok(outcome) => {
@@ -98,6 +135,10 @@ impl Connection {
                         break;
                     }
                     pending = outcome.over_limit;
+                }
+                Err(SessionError::Stale) => {
+                    self.failed = Some(SessionError::Stale);
+                    return Err(SessionError::Stale);
                 }
                 Err(error) => return Ok(self.fail_session(error, results)),
             }
@@ -203,6 +244,7 @@ impl Connection {
         prepared: &PreparedBody<'_>,
         pending: &[usize],
         use_smtputf8: bool,
+        group: FirstGroup,
         results: &mut [Option<RecipientResult>],
     ) -> Result<TransactionOutcome, SessionError> {
         let mail = self.mail_command(message, prepared, use_smtputf8);
@@ -210,11 +252,16 @@ impl Connection {
             .iter()
             .map(|&index| self.rcpt_command(&message.recipients[index]))
             .collect();
-        let replies = self.mail_and_rcpt(&mail, &rcpts).await?;
-        let (mail_reply, rcpt_replies) = replies;
+        let replies = self.mail_and_rcpt(&mail, &rcpts, group).await?;
+        let Replies {
+            mail: mail_reply,
+            rcpts: rcpt_replies,
+            data: data_reply,
+        } = replies;
 
         let mut outcome = TransactionOutcome::default();
         if mail_reply.code / 100 != 2 {
+            self.abandon_data(data_reply).await?;
             // RFC 5321 §4.5.5 and §6.1: a rejected null sender is not
             // retried with another sender, so the reply decides everyone.
             let result = RecipientResult::rejected(mail_reply);
@@ -236,10 +283,14 @@ impl Connection {
             }
         }
         if accepted.is_empty() {
+            self.abandon_data(data_reply).await?;
             return Ok(outcome);
         }
 
-        let reply = self.command(b"DATA\r\n", Stage::Data).await?;
+        let reply = match data_reply {
+            Some(reply) => reply,
+            None => self.command(b"DATA\r\n", Stage::Data).await?,
+        };
         if reply.code == 421 {
             return Err(SessionError::RemoteRejected {
                 stage: Stage::Data,
@@ -277,22 +328,40 @@ impl Connection {
     }
 
     /// Sends MAIL and the RCPTs and reads their replies, pipelined in groups
-    /// when the server offers PIPELINING.
+    /// when the server offers PIPELINING. With PIPELINING, a pooled
+    /// connection's RSET leads the first group, and when every RCPT fits in
+    /// it, DATA ends it, because RFC 2920 §3.1 allows DATA as the last
+    /// command of a group.
     async fn mail_and_rcpt(
         &mut self,
         mail: &[u8],
         rcpts: &[Vec<u8>],
-    ) -> Result<(Reply, Vec<Reply>), SessionError> {
+        group: FirstGroup,
+    ) -> Result<Replies, SessionError> {
         let pipelining = self.capabilities.pipelining;
+        let data_in_group = pipelining && rcpts.len() <= RCPT_GROUP_SIZE;
         let mail_reply = if pipelining {
-            let mut first_group = mail.to_vec();
+            let mut first_group = Vec::with_capacity(256);
+            if group.rset {
+                first_group.extend_from_slice(b"RSET\r\n");
+            }
+            first_group.extend_from_slice(mail);
             let group_len = rcpts.len().min(RCPT_GROUP_SIZE);
             for rcpt in &rcpts[..group_len] {
                 first_group.extend_from_slice(rcpt);
             }
-            self.stream
+            if data_in_group {
+                first_group.extend_from_slice(b"DATA\r\n");
+            }
+            let written = self
+                .stream
                 .write_all(&first_group, Stage::Mail, self.timeouts.command)
-                .await?;
+                .await;
+            if group.rset {
+                self.read_stale_check(written).await?;
+            } else {
+                written?;
+            }
             self.stream
                 .read_reply(Stage::Mail, self.timeouts.command)
                 .await?
@@ -302,7 +371,11 @@ impl Connection {
         check_closing(&mail_reply, Stage::Mail)?;
         let mail_accepted = mail_reply.code / 100 == 2;
         if !pipelining && !mail_accepted {
-            return Ok((mail_reply, Vec::new()));
+            return Ok(Replies {
+                mail: mail_reply,
+                rcpts: Vec::new(),
+                data: None,
+            });
         }
 
         let mut replies = Vec::with_capacity(rcpts.len());
@@ -336,7 +409,63 @@ impl Connection {
                 replies.push(reply);
             }
         }
-        Ok((mail_reply, replies))
+        let data = if data_in_group {
+            Some(
+                self.stream
+                    .read_reply(Stage::Data, self.timeouts.command)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        Ok(Replies {
+            mail: mail_reply,
+            rcpts: replies,
+            data,
+        })
+    }
+
+    /// Reads the reply to the RSET that leads a pooled connection's first
+    /// group. A failed write, no reply or any reply but 250 means the server
+    /// dropped the session while the connection was idle, before it read
+    /// the message's commands: [`SessionError::Stale`].
+    async fn read_stale_check(
+        &mut self,
+        written: Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        let reply = match written {
+            Ok(()) => self
+                .stream
+                .read_reply(Stage::Rset, self.timeouts.command)
+                .await
+                .ok(),
+            Err(_) => None,
+        };
+        if reply.as_ref().is_some_and(|reply| reply.code == 250) {
+            return Ok(());
+        }
+        tracing::debug!(
+            mx_host = %self.remote_host,
+            addr = %self.remote_addr,
+            reply = ?reply.map(|reply| reply.to_string()),
+            "pooled connection is no longer usable"
+        );
+        Err(SessionError::Stale)
+    }
+
+    /// Ends the data phase that a pipelined DATA opened when no content
+    /// may follow, because MAIL or every RCPT was rejected. A server that
+    /// replied `354` waits for content, so a lone dot ends an empty
+    /// message, and its reply is read and dropped.
+    async fn abandon_data(&mut self, data_reply: Option<Reply>) -> Result<(), SessionError> {
+        match data_reply {
+            Some(reply) if reply.code == 354 => {
+                let reply = self.command(b".\r\n", Stage::DataDone).await?;
+                check_closing(&reply, Stage::DataDone)
+            }
+            Some(reply) => check_closing(&reply, Stage::Data),
+            None => Ok(()),
+        }
     }
 
     fn mail_command(

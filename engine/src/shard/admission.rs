@@ -123,20 +123,21 @@ impl Admission for ShardAdmission {
             .spool
             .append_message(&envelope, &submission.body)
             .map_err(|error| append_error_reply(shard.index, &error))?;
-        // The audit record is written now, before the commit completes, and
-        // synced alongside it; the 250 waits for both.
-        let audited = crate::audit::accepted(&envelope, submission.body.len());
-        let (durable, audited) = futures_lite::future::zip(shard.spool.durable(seq), audited).await;
-        if let Err(error) = audited {
-            // The message is in the spool and will be delivered; the client
-            // gets 451 because no acknowledged message may lack its record.
-            tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: audit record not durable; the client gets 451 and its retry may duplicate the message");
+        // Staged now, so that audit records follow the spool's append order;
+        // the spool record makes it recoverable, so the 250 waits for the
+        // spool's commit only.
+        if let Err(error) = crate::audit::accepted(&envelope, record, submission.body.len()) {
+            // The message is in the spool and will be delivered, and the
+            // next start rebuilds its record from the spool; the client gets
+            // 451 because the audit stream is failing now.
+            tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: audit record not written; the client gets 451 and its retry may duplicate the message");
             return Err(Reply::new(
                 451,
                 EnhancedStatus::new(4, 3, 0),
                 "Local error in processing, try again later",
             ));
         }
+        let durable = shard.spool.durable(seq).await;
         durable.map_err(|error| {
             tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: group commit failed; the client gets 451 and will retry");
             // The client's retry brings the message again, so this copy is

@@ -91,6 +91,12 @@ async fn compact_pass(shard: &Rc<Shard>, rotation: usize) -> bool {
     let start = rotation % candidates.len();
     candidates.rotate_left(start);
     candidates.truncate(MAX_CANDIDATES_PER_PASS);
+    // A copy is a relocated record, which the audit start check skips, so
+    // the records of the messages to copy must be durable first.
+    if let Err(error) = crate::audit::sync_all().await {
+        tracing::warn!(core = shard.index, %error, "compaction: waiting for a later pass");
+        return false;
+    }
 
     let mut remaining_bytes = BUDGET_BYTES;
     let mut moved_any = false;

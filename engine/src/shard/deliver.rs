@@ -513,7 +513,7 @@ fn accept_outcome(
     if message.is_final() {
         queue.messages.remove(&record);
         drop(queue);
-        shard.spool.release(record);
+        crate::audit::release(&shard.spool, record);
         return;
     }
     if let Outcome::Deferred { next_attempt_us } = outcome {
@@ -588,10 +588,8 @@ async fn deliver_item(
         if let Some(open) = connection.as_mut()
             && from_pool
             && round == 0
-            && let Err(error) = open.reset().await
         {
-            tracing::debug!(core = shard.index, domain, %error, "delivery: pooled connection was stale; reconnecting");
-            *connection = None;
+            open.check_stale_on_send();
         }
         if connection.is_none() {
             match connect(shard, domain, rule, envelope.lane).await {
@@ -634,6 +632,11 @@ async fn deliver_item(
                 };
             }
             Err(SessionError::Stale) => {
+                tracing::debug!(
+                    core = shard.index,
+                    domain,
+                    "delivery: pooled connection was stale; reconnecting"
+                );
                 *connection = None;
                 continue;
             }
@@ -1029,7 +1032,7 @@ fn record_results(
     if final_now {
         queue.messages.remove(&item.record);
         drop(queue);
-        shard.spool.release(item.record);
+        crate::audit::release(&shard.spool, item.record);
         return;
     }
     if let Some(domain) = domain {
@@ -1336,7 +1339,7 @@ fn send_dsn(
                 _ => "dsn relayed",
             });
             shard.log.write(&entry);
-            crate::audit::dsn_generated(&envelope.message_id.to_string(), &entry);
+            crate::audit::dsn_generated(&envelope.message_id.to_string(), &entry, record);
             crate::metrics::record_event(&entry);
             let states = vec![RecipientState::Pending {
                 attempts: 0,
@@ -1520,7 +1523,7 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
             .is_some_and(QueuedMessage::is_final);
         if final_now {
             shard.queue.borrow_mut().messages.remove(&record);
-            shard.spool.release(record);
+            crate::audit::release(&shard.spool, record);
         }
     }
     count

@@ -147,10 +147,13 @@ async fn start(setup: ShardSetup) -> Result<Started, String> {
         commit_max_batch: config.spool.commit_max_batch,
         keyring: keyring.clone(),
         reserve_bytes: config.spool.reserve_bytes,
+        list_appends: crate::audit::appends_to_check(),
     };
     let (spool, mut recovered, report) = SpoolShard::open(options.clone())
         .await
         .map_err(|error| format!("core {}: spool shard failed to open: {error}", spec.index))?;
+    crate::audit::reconcile_spool(&spool, &report)
+        .map_err(|error| format!("core {}: {error}", spec.index))?;
     adopt_orphans(&spool, &options, executors, &mut recovered).await?;
     tracing::info!(
         core = spec.index,
@@ -373,9 +376,13 @@ async fn adopt_orphans(
     for orphan in orphans {
         let mut orphan_options = options.clone();
         orphan_options.shard = orphan;
-        let (old, messages, _) = SpoolShard::open(orphan_options).await.map_err(|error| {
+        orphan_options.list_appends = crate::audit::orphan_appends_to_check(orphan)
+            .map_err(|error| format!("core {own}: {error}"))?;
+        let (old, messages, report) = SpoolShard::open(orphan_options).await.map_err(|error| {
             format!("core {own}: spool shard {orphan} failed to open for adoption: {error}")
         })?;
+        crate::audit::reconcile_orphan(orphan, &report)
+            .map_err(|error| format!("core {own}: {error}"))?;
         let mut seqs = Vec::new();
         let mut adopted = Vec::new();
         for message in messages {
@@ -401,6 +408,7 @@ async fn adopt_orphans(
             let (record, seq) = spool
                 .append_message(&envelope, &stored.body)
                 .map_err(|error| format!("core {own}: adopting shard {orphan} failed: {error}"))?;
+            crate::audit::adopted(&envelope, record, orphan);
             seqs.push(seq);
             adopted.push(caduceus_spool::RecoveredMessage {
                 record,
@@ -415,6 +423,11 @@ async fn adopt_orphans(
                 format!("core {own}: adopting shard {orphan} failed to sync: {error}")
             })?;
         }
+        // The old shard's files go next, so its messages' records must be
+        // durable here first.
+        crate::audit::sync_all()
+            .await
+            .map_err(|error| format!("core {own}: adopting shard {orphan}: {error}"))?;
         let _ = old.close().await;
         drop(old);
         remove_shard_files(&options.dir, orphan)?;

@@ -21,13 +21,13 @@ use super::{LiveMessage, SegmentEntry};
 use crate::error::SpoolError;
 use crate::format::{
     OpenError, RecordKind, SEALED_OUTCOME_RECORD_BYTES, SEGMENT_HEADER_BYTES, decode_envelope,
-    decode_outcome,
+    decode_outcome, message_body_len,
 };
 use crate::scan::{HeaderProblem, scan_segment};
 use crate::storage::{Segment, Storage};
 use crate::{
-    Envelope, Keyring, MessageId, Outcome, RecipientState, RecordRef, RecoveredMessage,
-    RecoveryReport,
+    AppendedMessage, Envelope, Keyring, ListAppends, MessageId, Outcome, RecipientState, RecordRef,
+    RecoveredMessage, RecoveryReport,
 };
 use rkyv::util::AlignedVec;
 
@@ -58,6 +58,7 @@ pub(super) async fn recover<S: Storage>(
     storage: &S,
     shard: u16,
     keyring: Option<&Keyring>,
+    list_appends: ListAppends,
 ) -> Result<Recovered<S::Segment>, SpoolError> {
     let started = Instant::now();
     let io_error = |operation: &'static str, segment: Option<u32>| {
@@ -121,6 +122,19 @@ pub(super) async fn recover<S: Storage>(
                     RecordKind::Message => match decode_envelope(&record.header, &plain) {
                         Ok((envelope, _)) => {
                             contributed.records += 1;
+                            report.last_append = Some(location);
+                            let listed = match list_appends {
+                                ListAppends::Off => false,
+                                ListAppends::All => true,
+                                ListAppends::After(after) => location > after,
+                            };
+                            if listed {
+                                report.appends.push(AppendedMessage {
+                                    record: location,
+                                    envelope: envelope.clone(),
+                                    body_bytes: u64::from(message_body_len(&plain)),
+                                });
+                            }
                             let states = vec![
                                 RecipientState::Pending {
                                     attempts: 0,

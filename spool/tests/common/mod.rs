@@ -59,6 +59,7 @@ pub fn options(dir: &std::path::Path, keyring: Option<Keyring>) -> SpoolOptions 
         commit_max_batch: 64,
         keyring,
         reserve_bytes: 0,
+        list_appends: Default::default(),
     }
 }
 

@@ -206,10 +206,11 @@ pub fn inject(
     }
 }
 
-/// The control thread's audit stream (`log/audit/control-YYYYMMDD.jsonl`,
-/// every day's file in order): one JSON line per administrative command.
-pub fn control_audit(state_dir: &Path) -> String {
+/// The daily files of one audit stream (`log/audit/<stream>-YYYYMMDD.jsonl`),
+/// oldest first.
+pub fn audit_stream_files(state_dir: &Path, stream: &str) -> Vec<PathBuf> {
     let dir = state_dir.join("log").join("audit");
+    let prefix = format!("{stream}-");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|error| panic!("cannot read {}: {error}", dir.display()))
         .flatten()
@@ -217,11 +218,31 @@ pub fn control_audit(state_dir: &Path) -> String {
         .filter(|path| {
             path.file_name()
                 .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with("control-") && name.ends_with(".jsonl"))
+                .is_some_and(|name| name.starts_with(&prefix) && name.ends_with(".jsonl"))
         })
         .collect();
     files.sort();
     files
+}
+
+/// Every record of one audit stream, parsed, in order.
+pub fn audit_records(state_dir: &Path, stream: &str) -> Vec<serde_json::Value> {
+    audit_stream_files(state_dir, stream)
+        .iter()
+        .flat_map(|path| {
+            std::fs::read_to_string(path)
+                .expect("audit file")
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("audit line is JSON"))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The control thread's audit stream, every day's file in order: one JSON
+/// line per administrative command.
+pub fn control_audit(state_dir: &Path) -> String {
+    audit_stream_files(state_dir, "control")
         .iter()
         .map(|path| std::fs::read_to_string(path).expect("control audit file"))
         .collect()
