@@ -9,9 +9,16 @@
 //! Messages of 1 KiB, 10 KiB and 100 KiB, encryption on and off.
 //!
 //! `spool_group_commit` appends a batch of 256 messages of 2 KiB and waits
-//! for the one fdatasync that covers them all, which is what a busy core
-//! does. `record_build` builds the same records in memory only, so the
-//! cost of sealing is visible without the disk's noise.
+//! for the one fdatasync that covers them all, then starts the next batch,
+//! so appends and syncs never overlap. `record_build` builds the same
+//! records in memory only, so the cost of sealing is visible without the
+//! disk's noise.
+//!
+//! `spool_pipelined` keeps appending 2 KiB messages while commits run, with
+//! up to [`PIPELINED_IN_FLIGHT`] messages appended but not yet waited for,
+//! like that many SMTP sessions waiting for their `250`. It is what a busy
+//! core does, and it is the figure for the append and commit throughput
+//! target. It runs with `commit_max_batch` 256 and 1024.
 //!
 //! `spool_recovery` builds a spool of `$CADUCEUS_BENCH_RECOVERY_MESSAGES`
 //! (default 500,000) encrypted 2 KiB messages once, about 1.1 GB of
@@ -24,6 +31,7 @@
 //! otherwise to a temporary directory; the numbers depend on that disk.
 //! Run with `cargo bench -p caduceus-bench --bench spool`.
 
+use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -46,6 +54,14 @@ const SEQUENTIAL_CHUNK_BYTES: usize = 1024 * 1024;
 const BATCH_MESSAGE_BYTES: usize = 2048;
 /// Messages per group commit: the spool's default `commit_max_batch`.
 const BATCH_MESSAGES: usize = 256;
+/// Messages appended and not yet waited for in `spool_pipelined`.
+const PIPELINED_IN_FLIGHT: usize = 1024;
+/// Appends between two yields to the executor in `spool_pipelined`, so the
+/// committer and the sync tasks run while appends go on, as they would
+/// between the reads of many SMTP sessions.
+const PIPELINED_APPENDS_PER_YIELD: u64 = 16;
+/// The `commit_max_batch` values that `spool_pipelined` compares.
+const PIPELINED_BATCHES: [u32; 2] = [256, 1024];
 /// Messages in the recovery benchmark's spool unless
 /// `$CADUCEUS_BENCH_RECOVERY_MESSAGES` sets another count.
 const RECOVERY_MESSAGES: u64 = 500_000;
@@ -196,6 +212,71 @@ fn spool_group_commit(criterion: &mut Criterion) {
         group.bench_function(BenchmarkId::new(name, "256x2KiB"), |bench| {
             bench.iter_custom(|batches| spool_batches(&dir, encrypted, batches));
         });
+    }
+    group.finish();
+}
+
+/// Opens a fresh spool in `dir` with `commit_max_batch` set to `batch` and
+/// appends `messages` 2 KiB messages. Whenever [`PIPELINED_IN_FLIGHT`] wait
+/// for their commit, it waits for the oldest one and releases it. Returns
+/// the time until the last message is durable.
+fn spool_pipeline(dir: &Path, encrypted: bool, batch: u32, messages: u64) -> Duration {
+    let spool_dir = dir.join(format!("spool-{}", MessageId::random()));
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("glommio executor")
+        .run(async move {
+            let mut options = SpoolOptions::new(&spool_dir, 0);
+            options.reserve_bytes = 0;
+            options.commit_max_batch = batch;
+            if encrypted {
+                options.keyring = Some(Keyring::from_hex(1, KEY_HEX).expect("key"));
+            }
+            let (shard, _, _) = Shard::open(options).await.expect("open spool");
+            let envelope = envelope();
+            let body = vec![b'x'; BATCH_MESSAGE_BYTES];
+            let mut waiting = VecDeque::with_capacity(PIPELINED_IN_FLIGHT);
+            let started = Instant::now();
+            for appended in 0..messages {
+                waiting.push_back(shard.append_message(&envelope, &body).expect("append"));
+                if waiting.len() >= PIPELINED_IN_FLIGHT {
+                    // Checked by the condition.
+                    let (record, seq) = waiting.pop_front().expect("a waiting message");
+                    shard.durable(seq).await.expect("durable");
+                    shard.release(record);
+                }
+                if appended % PIPELINED_APPENDS_PER_YIELD == 0 {
+                    futures_lite::future::yield_now().await;
+                }
+            }
+            for (record, seq) in waiting.drain(..) {
+                shard.durable(seq).await.expect("durable");
+                shard.release(record);
+            }
+            let elapsed = started.elapsed();
+            shard.close().await.expect("close spool");
+            drop(shard);
+            let _ = std::fs::remove_dir_all(&spool_dir);
+            elapsed
+        })
+}
+
+fn spool_pipelined(criterion: &mut Criterion) {
+    let (_temporary, dir) = bench_dir();
+    let mut group = criterion.benchmark_group("spool_pipelined");
+    // One sample commits tens of thousands of messages, so take each as
+    // one run rather than growing the iteration count per sample.
+    group.sampling_mode(SamplingMode::Flat);
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(1));
+    for batch in PIPELINED_BATCHES {
+        for encrypted in [false, true] {
+            let name = if encrypted { "encrypted" } else { "plain" };
+            group.bench_function(BenchmarkId::new(name, format!("batch{batch}")), |bench| {
+                bench.iter_custom(|messages| spool_pipeline(&dir, encrypted, batch, messages));
+            });
+        }
     }
     group.finish();
 }
@@ -446,6 +527,7 @@ fn sequential_write(criterion: &mut Criterion) {
 criterion_group!(
     benches,
     spool_group_commit,
+    spool_pipelined,
     record_build,
     spool_recovery,
     spool_append_commit,

@@ -76,6 +76,7 @@ pub fn envelope_view(facts: &RecordFacts, envelope: &Envelope, states: &[Recipie
                 RecipientState::Delivered => ("delivered", None, None),
                 RecipientState::Bounced => ("bounced", None, None),
                 RecipientState::Expired => ("expired", None, None),
+                RecipientState::Deleted => ("deleted", None, None),
             };
             view["state"] = json!(name);
             view["attempts"] = json!(attempts);

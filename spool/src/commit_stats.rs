@@ -52,8 +52,8 @@ pub struct CommitStats {
     pub batch_records_total: u64,
     /// The exact sum of `batch_bytes`.
     pub batch_bytes_total: u64,
-    /// `fdatasync` calls that returned an error. After one, the shard
-    /// rejects appends until it is reopened.
+    /// `fdatasync` calls that returned an error. Each one retires the
+    /// segment it synced.
     pub fsync_failures: u64,
 }
 

@@ -67,12 +67,6 @@ pub enum AppendError {
         reserve_bytes: u64,
         segment_size_bytes: u64,
     },
-    /// An earlier fdatasync failed, so the shard rejects appends until it is
-    /// reopened. Temporary: reply 451 4.3.0.
-    #[error(
-        "spool segment {segment} failed an earlier sync; appends are rejected until the spool is reopened"
-    )]
-    SegmentFailed { segment: u32 },
     /// Creating a segment file failed. Temporary: reply 451 4.3.0.
     #[error("spool {operation} failed: {source}")]
     Io {

@@ -78,7 +78,7 @@
 //! |-------:|-----:|---------------------------------------------------|
 //! |      0 |    8 | next attempt, unix microseconds (pending only)    |
 //! |      8 |    4 | attempts made so far (pending only)               |
-//! |     12 |    1 | state: 1 pending, 2 delivered, 3 bounced, 4 expired |
+//! |     12 |    1 | state: 1 pending, 2 delivered, 3 bounced, 4 expired, 5 deleted |
 //! |     13 |    3 | reserved, zero                                    |
 //!
 //! Outcome payload (plaintext, before sealing):
@@ -90,8 +90,11 @@
 //! |      8 |    8 | message record's offset                          |
 //! |     16 |    8 | next attempt, unix microseconds (deferred only)  |
 //! |     24 |    4 | attempts made so far                             |
-//! |     28 |    1 | outcome: 1 deferred, 2 delivered, 3 bounced, 4 expired |
+//! |     28 |    1 | outcome: 1 deferred, 2 delivered, 3 bounced, 4 expired, 5 deleted |
 //! |     29 |    3 | reserved, zero                                   |
+//!
+//! Code 5 (deleted by an operator) is newer than the other codes. Binaries
+//! from before it treat such a record as damaged and quarantine it.
 
 use std::ops::Range;
 
@@ -700,6 +703,7 @@ impl RecordBuilder {
             Outcome::Delivered => (2, 0),
             Outcome::Bounced => (3, 0),
             Outcome::Expired => (4, 0),
+            Outcome::Deleted => (5, 0),
         };
         write_bytes(
             &mut payload,
@@ -944,6 +948,7 @@ fn encode_state(state: RecipientState) -> [u8; STATE_ENTRY_BYTES] {
         RecipientState::Delivered => (2, 0, 0),
         RecipientState::Bounced => (3, 0, 0),
         RecipientState::Expired => (4, 0, 0),
+        RecipientState::Deleted => (5, 0, 0),
     };
     let mut entry = [0u8; STATE_ENTRY_BYTES];
     write_bytes(
@@ -965,6 +970,7 @@ fn decode_state(entry: &[u8]) -> Result<RecipientState, String> {
         2 => Ok(RecipientState::Delivered),
         3 => Ok(RecipientState::Bounced),
         4 => Ok(RecipientState::Expired),
+        5 => Ok(RecipientState::Deleted),
         other => Err(format!("unknown recipient state {other}")),
     }
 }
@@ -1061,6 +1067,7 @@ pub fn decode_outcome(plain: &[u8]) -> Result<OutcomeRecord, String> {
         2 => Outcome::Delivered,
         3 => Outcome::Bounced,
         4 => Outcome::Expired,
+        5 => Outcome::Deleted,
         other => return Err(format!("unknown outcome {other}")),
     };
     Ok(OutcomeRecord {

@@ -316,6 +316,7 @@ fn state_after(outcome: Outcome, attempts: u32) -> RecipientState {
         Outcome::Delivered => RecipientState::Delivered,
         Outcome::Bounced => RecipientState::Bounced,
         Outcome::Expired => RecipientState::Expired,
+        Outcome::Deleted => RecipientState::Deleted,
     }
 }
 

@@ -167,6 +167,8 @@ pub enum RecipientState {
     Delivered,
     Bounced,
     Expired,
+    /// An operator deleted the recipient before it was delivered.
+    Deleted,
 }
 
 impl RecipientState {
@@ -186,17 +188,23 @@ pub enum Outcome {
     Delivered,
     Bounced,
     Expired,
+    /// An operator deleted the recipient; no DSN is sent for it.
+    Deleted,
 }
 
-/// A position in a shard's append order. [`Shard::durable`] resolves once a
-/// completed fdatasync covers it.
+/// One record's position in a shard's append order, and the segment that
+/// contains it. [`Shard::durable`] resolves once a completed fdatasync
+/// covers that record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CommitSeq(u64);
+pub struct CommitSeq {
+    pub(crate) seq: u64,
+    pub(crate) segment: u32,
+}
 
 impl CommitSeq {
     /// Returns the position as a number, for logs and metrics.
     pub fn get(self) -> u64 {
-        self.0
+        self.seq
     }
 }
 

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::poll_fn;
 use std::os::unix::fs::DirBuilderExt;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::task::Poll;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::aead::NONCE_LEN;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -28,8 +28,11 @@ use crate::{
     RecoveryReport, SpoolOptions, StoredMessage,
 };
 
+mod commit;
 mod compaction;
 mod recovery;
+
+use commit::{CommitState, run_committer, wait_durable};
 
 pub use compaction::{COMPACTION_LIVE_PERCENT, Relocation, SegmentUsage};
 
@@ -75,45 +78,6 @@ pub(crate) struct LiveMessage {
     /// The length of the message record, counted in its segment's
     /// `live_bytes`.
     pub(crate) record_bytes: u64,
-}
-
-#[derive(Default)]
-struct CommitState {
-    /// The sequence number of the latest append.
-    appended: u64,
-    /// The latest sequence number covered by a started sync.
-    sync_started: u64,
-    /// The latest sequence number covered by a completed sync.
-    synced: u64,
-    /// Bytes of every record appended since the shard opened.
-    appended_bytes: u64,
-    /// `appended_bytes` when the latest sync started.
-    sync_started_bytes: u64,
-    failed: Option<CommitError>,
-    /// Segments written since the last sync started.
-    dirty: Vec<u32>,
-    waiters: Vec<Waker>,
-    committer: Option<Waker>,
-    closing: bool,
-    committer_done: bool,
-}
-
-impl CommitState {
-    fn pending(&self) -> u64 {
-        self.appended - self.sync_started
-    }
-
-    fn wake_waiters(&mut self) {
-        for waker in self.waiters.drain(..) {
-            waker.wake();
-        }
-    }
-
-    fn wake_committer(&mut self) {
-        if let Some(waker) = self.committer.take() {
-            waker.wake();
-        }
-    }
 }
 
 /// The per-open nonce source: 4 fixed bytes (the shard number and 2 random
@@ -364,6 +328,7 @@ impl<S: Storage + 'static> Shard<S> {
                 Outcome::Delivered => RecipientState::Delivered,
                 Outcome::Bounced => RecipientState::Bounced,
                 Outcome::Expired => RecipientState::Expired,
+                Outcome::Deleted => RecipientState::Deleted,
             };
             if segment != message.segment && !entry.outcome_segments.contains(&segment) {
                 entry.outcome_segments.push(segment);
@@ -378,12 +343,17 @@ impl<S: Storage + 'static> Shard<S> {
         Ok(self.note_append(segment, record_bytes))
     }
 
-    /// Resolves when a completed fdatasync covers `seq`.
+    /// Resolves when a completed fdatasync covers the record that returned
+    /// `seq`.
     ///
-    /// Returns an error if that sync failed or the shard closed first; see
-    /// [`CommitError`] for what a failure means for the data.
+    /// Returns an error if its segment's sync failed or the shard closed
+    /// first. [`CommitError`] describes what a failure means for the data.
+    /// The result covers that record only. After a failed sync, an earlier
+    /// record in the failed segment can fail while a later one in the next
+    /// segment succeeds, so a caller that needs several records waits for
+    /// each.
     pub async fn durable(&self, seq: CommitSeq) -> Result<(), CommitError> {
-        wait_durable(&self.inner, seq.0).await
+        wait_durable(&self.inner, seq).await
     }
 
     /// Reads a message record back and decrypts it.
@@ -447,7 +417,8 @@ impl<S: Storage + 'static> Shard<S> {
     }
 
     /// Syncs everything appended so far and stops the committer. Appends are
-    /// rejected afterwards.
+    /// rejected afterwards. Returns the first sync failure since the shard
+    /// opened, if there was one, even when later commits succeeded.
     pub async fn close(&self) -> Result<(), CommitError> {
         let inner = &self.inner;
         {
@@ -458,7 +429,7 @@ impl<S: Storage + 'static> Shard<S> {
         poll_fn(|context| {
             let mut commit = inner.commit.borrow_mut();
             if commit.committer_done {
-                return Poll::Ready(match &commit.failed {
+                return Poll::Ready(match &commit.first_failure {
                     Some(error) => Err(error.clone()),
                     None => Ok(()),
                 });
@@ -520,9 +491,6 @@ impl<S: Storage + 'static> Shard<S> {
         let commit = self.inner.commit.borrow();
         if commit.closing {
             return Err(AppendError::Closed);
-        }
-        if let Some(CommitError::SyncFailed { segment, .. }) = &commit.failed {
-            return Err(AppendError::SegmentFailed { segment: *segment });
         }
         Ok(())
     }
@@ -621,7 +589,10 @@ impl<S: Storage + 'static> Shard<S> {
         commit.appended += 1;
         commit.appended_bytes += record_bytes;
         commit.wake_committer();
-        CommitSeq(commit.appended)
+        CommitSeq {
+            seq: commit.appended,
+            segment,
+        }
     }
 
     /// Counts one more live message in `segment`, which keeps `bytes` of it
@@ -792,198 +763,4 @@ fn create_segment<S: Storage>(
         })?;
     inner.next_segment.set(next);
     Ok((id, Rc::new(segment)))
-}
-
-async fn wait_durable<S: Storage>(inner: &Inner<S>, seq: u64) -> Result<(), CommitError> {
-    poll_fn(|context| {
-        let mut commit = inner.commit.borrow_mut();
-        if commit.synced >= seq {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(error) = &commit.failed {
-            return Poll::Ready(Err(error.clone()));
-        }
-        if commit.committer_done {
-            return Poll::Ready(Err(CommitError::Closed));
-        }
-        commit.waiters.push(context.waker().clone());
-        Poll::Pending
-    })
-    .await
-}
-
-/// Runs the group commit loop: one fdatasync per dirty segment covers every
-/// append made before it started.
-async fn run_committer<S: Storage>(inner: Rc<Inner<S>>) {
-    loop {
-        // Sleep until there is something to sync or the shard closes.
-        poll_fn(|context| {
-            let mut commit = inner.commit.borrow_mut();
-            if commit.pending() > 0 || commit.closing {
-                return Poll::Ready(());
-            }
-            commit.committer = Some(context.waker().clone());
-            Poll::Pending
-        })
-        .await;
-
-        let (closing, pending, failed) = {
-            let commit = inner.commit.borrow();
-            (commit.closing, commit.pending(), commit.failed.is_some())
-        };
-        if failed || (closing && pending == 0) {
-            if closing {
-                break;
-            }
-            // After a failed sync no append is accepted, so wait for close.
-            inner.commit.borrow_mut().committer = None;
-            poll_fn(|context| {
-                let mut commit = inner.commit.borrow_mut();
-                if commit.closing {
-                    return Poll::Ready(());
-                }
-                commit.committer = Some(context.waker().clone());
-                Poll::Pending
-            })
-            .await;
-            break;
-        }
-
-        gather_batch(&inner).await;
-        sync_dirty(&inner).await;
-        refresh_free_bytes(&inner);
-        prepare_standby(&inner);
-    }
-    let mut commit = inner.commit.borrow_mut();
-    commit.committer_done = true;
-    commit.wake_waiters();
-}
-
-/// Waits up to `commit_max_wait` for `commit_max_batch` appends to gather.
-async fn gather_batch<S: Storage>(inner: &Inner<S>) {
-    let batch = u64::from(inner.commit_max_batch);
-    if inner.commit_max_wait.is_zero() || inner.commit.borrow().pending() >= batch {
-        return;
-    }
-    let started = Instant::now();
-    let full = poll_fn(|context| {
-        let mut commit = inner.commit.borrow_mut();
-        if commit.pending() >= batch || commit.closing {
-            return Poll::Ready(());
-        }
-        commit.committer = Some(context.waker().clone());
-        Poll::Pending
-    });
-    futures_lite::future::or(full, glommio::timer::sleep(inner.commit_max_wait)).await;
-    inner.commit.borrow_mut().committer = None;
-    tracing::trace!(
-        shard = inner.shard,
-        waited_us = started.elapsed().as_micros() as u64,
-        "spool: commit batch gathered"
-    );
-}
-
-async fn sync_dirty<S: Storage>(inner: &Inner<S>) {
-    let (target, batch_records, batch_bytes, dirty) = {
-        let mut commit = inner.commit.borrow_mut();
-        let batch_records = commit.appended - commit.sync_started;
-        let batch_bytes = commit.appended_bytes - commit.sync_started_bytes;
-        commit.sync_started = commit.appended;
-        commit.sync_started_bytes = commit.appended_bytes;
-        (
-            commit.appended,
-            batch_records,
-            batch_bytes,
-            std::mem::take(&mut commit.dirty),
-        )
-    };
-    let handles: Vec<(u32, Rc<S::Segment>)> = {
-        let segments = inner.segments.borrow();
-        dirty
-            .iter()
-            .filter_map(|id| segments.get(id).map(|entry| (*id, entry.segment.clone())))
-            .collect()
-    };
-    let started = Instant::now();
-    let mut failure = None;
-    for (id, segment) in handles {
-        let call_started = Instant::now();
-        let result = segment.sync().await;
-        let latency_us = call_started.elapsed().as_micros() as u64;
-        inner
-            .commit_stats
-            .borrow_mut()
-            .record_fsync(latency_us, result.is_ok());
-        if let Err(error) = result {
-            failure = Some((id, error));
-            break;
-        }
-    }
-    let mut commit = inner.commit.borrow_mut();
-    match failure {
-        None => {
-            commit.synced = target;
-            if batch_records > 0 {
-                inner
-                    .commit_stats
-                    .borrow_mut()
-                    .record_commit(batch_records, batch_bytes);
-            }
-            tracing::trace!(
-                shard = inner.shard,
-                seq = target,
-                sync_us = started.elapsed().as_micros() as u64,
-                "spool: commit synced"
-            );
-        }
-        Some((segment, error)) => {
-            tracing::error!(
-                shard = inner.shard,
-                segment,
-                path = %inner.storage.describe(segment),
-                %error,
-                "spool: fdatasync failed; the shard rejects appends until restarted. Check the kernel log (dmesg) for I/O errors and the disk for free space, then restart the engine"
-            );
-            commit.failed = Some(CommitError::SyncFailed {
-                segment,
-                reason: error.to_string(),
-            });
-        }
-    }
-    commit.wake_waiters();
-}
-
-fn refresh_free_bytes<S: Storage>(inner: &Inner<S>) {
-    match inner.storage.free_bytes() {
-        Ok(free_bytes) => inner.free_bytes.set(free_bytes),
-        Err(error) => {
-            tracing::warn!(shard = inner.shard, %error, "spool: checking free disk space failed")
-        }
-    }
-}
-
-/// Creates the next segment ahead of time, so a roll-over in the append path
-/// does not wait for file creation and fallocate.
-fn prepare_standby<S: Storage>(inner: &Inner<S>) {
-    if inner.standby.borrow().is_some() || inner.commit.borrow().failed.is_some() {
-        return;
-    }
-    // Prepare only once the active segment is more than half full, so an idle
-    // shard does not hold two preallocated segments.
-    let active_half_full = inner.active.get().is_some_and(|id| {
-        inner
-            .segments
-            .borrow()
-            .get(&id)
-            .is_some_and(|entry| entry.write_offset > entry.segment.len_bytes() / 2)
-    });
-    if !active_half_full {
-        return;
-    }
-    match create_segment(inner, SpaceUse::NewMessage) {
-        Ok(standby) => *inner.standby.borrow_mut() = Some(standby),
-        Err(error) => {
-            tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after the next sync")
-        }
-    }
 }

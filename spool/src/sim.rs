@@ -26,6 +26,7 @@ struct DiskState {
     failing_syncs: u32,
     free_bytes: u64,
     syncs: u64,
+    syncs_started: u64,
 }
 
 /// The simulated disk shared by a [`SimStorage`] and the test that drives it.
@@ -84,6 +85,7 @@ impl SimDisk {
                 failing_syncs: 0,
                 free_bytes: state.free_bytes,
                 syncs: 0,
+                syncs_started: 0,
             })),
         }
     }
@@ -247,9 +249,17 @@ impl Segment for SimSegment {
     }
 
     async fn sync(&self) -> io::Result<()> {
-        // Yield once so that appends can race with an in-flight sync, as
-        // they do with a real fdatasync through io_uring.
-        futures_lite::future::yield_now().await;
+        // Yield so that appends can race with an in-flight sync, as they do
+        // with a real fdatasync through io_uring. Successive calls yield 1,
+        // 2 or 3 times, so overlapping syncs can complete out of order.
+        let yields = {
+            let mut state = self.disk.state.borrow_mut();
+            state.syncs_started += 1;
+            1 + state.syncs_started % 3
+        };
+        for _ in 0..yields {
+            futures_lite::future::yield_now().await;
+        }
         let mut state = self.disk.state.borrow_mut();
         if state.failing_syncs > 0 {
             state.failing_syncs -= 1;

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
@@ -192,49 +193,143 @@ fn flipped_length_byte_is_quarantined() {
 }
 
 #[test]
-fn failed_sync_fails_waiters_and_rejects_appends() {
+fn failed_sync_retires_only_its_segment() {
     let disk = SimDisk::new();
-    run(async {
+    let (good, later) = run(async {
         let (shard, _, _) = open(&disk, false).await;
-        let (good, seq) = shard
+        let (good, good_seq) = shard
             .append_message(&envelope(1, 1), &body(1, 100))
             .unwrap();
-        shard.durable(seq).await.unwrap();
+        shard.durable(good_seq).await.unwrap();
 
         disk.fail_next_syncs(1);
-        let (_, first) = shard
+        let (first, first_seq) = shard
             .append_message(&envelope(2, 1), &body(2, 100))
             .unwrap();
-        let (_, second) = shard
+        let (second, second_seq) = shard
             .append_message(&envelope(3, 1), &body(3, 100))
             .unwrap();
+        assert_eq!(first.segment, good.segment);
+        assert_eq!(second.segment, good.segment);
+        let failed = shard.durable(first_seq).await;
+        assert!(
+            matches!(failed, Err(CommitError::SyncFailed { segment, .. }) if segment == good.segment),
+            "{failed:?}"
+        );
         assert!(matches!(
-            shard.durable(first).await,
-            Err(CommitError::SyncFailed { .. })
-        ));
-        assert!(matches!(
-            shard.durable(second).await,
+            shard.durable(second_seq).await,
             Err(CommitError::SyncFailed { .. })
         ));
         // A commit that was already durable stays so.
-        shard.durable(seq).await.unwrap();
-        assert!(matches!(
-            shard.append_message(&envelope(4, 1), &body(4, 100)),
-            Err(AppendError::SegmentFailed { .. })
-        ));
-        assert!(shard.close().await.is_err());
+        shard.durable(good_seq).await.unwrap();
         assert_durable(&disk, good);
-    });
-    // Reopening clears the failure.
-    run(async {
-        let (shard, recovered, _) = open(&disk.crash(0), false).await;
-        assert_eq!(recovered.len(), 1);
-        let (_, seq) = shard
-            .append_message(&envelope(5, 1), &body(5, 100))
+
+        // The next append goes to a fresh segment and commits normally.
+        let (later, later_seq) = shard
+            .append_message(&envelope(4, 1), &body(4, 100))
             .unwrap();
-        shard.durable(seq).await.unwrap();
-        shard.close().await.unwrap();
+        assert_ne!(later.segment, good.segment);
+        shard.durable(later_seq).await.unwrap();
+        assert_durable(&disk, later);
+        assert_eq!(shard.read_message(good).unwrap().body, body(1, 100));
+
+        // The engine releases the messages whose commit failed. The retired
+        // segment stays while the good message is live.
+        shard.release(first);
+        shard.release(second);
+        assert!(disk.segments().contains(&good.segment));
+        assert!(shard.close().await.is_err(), "close reports the failure");
+        (good, later)
     });
+    let (shard, recovered, report) = run(async {
+        let (shard, recovered, report) = open(&disk.crash(0), false).await;
+        (shard, recovered, report)
+    });
+    drop(shard);
+    assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
+    let records: Vec<RecordRef> = recovered.iter().map(|message| message.record).collect();
+    assert_eq!(records, vec![good, later]);
+}
+
+#[test]
+fn retired_segment_deleted_when_released() {
+    let disk = SimDisk::new();
+    run(async {
+        let (shard, _, _) = open(&disk, false).await;
+        disk.fail_next_syncs(1);
+        let (lost, lost_seq) = shard
+            .append_message(&envelope(1, 1), &body(1, 100))
+            .unwrap();
+        assert!(shard.durable(lost_seq).await.is_err());
+        let (kept, kept_seq) = shard
+            .append_message(&envelope(2, 1), &body(2, 100))
+            .unwrap();
+        shard.durable(kept_seq).await.unwrap();
+        assert!(disk.segments().contains(&lost.segment));
+        shard.release(lost);
+        assert!(
+            !disk.segments().contains(&lost.segment),
+            "a retired segment with no live message is deleted"
+        );
+        assert!(disk.segments().contains(&kept.segment));
+        let _ = shard.close().await;
+    });
+}
+
+#[test]
+fn overlapping_commits_ack_only_durable_records() {
+    // Enough appends for dozens of roll-overs, where one commit spans two
+    // segments and a later commit covers only the second.
+    const ROUNDS: u32 = 60;
+    let disk = SimDisk::new();
+    let acknowledged = run(async {
+        let (shard, _, _) = open(&disk, true).await;
+        let acknowledged = Rc::new(RefCell::new(Vec::new()));
+        let mut appenders = Vec::new();
+        // 16 appenders keep appending while commits of 8 run, so several
+        // commits are in flight at once.
+        for appender in 0..16u32 {
+            let shard = shard.clone();
+            let disk = disk.clone();
+            let acknowledged = acknowledged.clone();
+            appenders.push(glommio::spawn_local(async move {
+                for round in 0..ROUNDS {
+                    // Staggered think times keep the appenders out of step,
+                    // so new commits start while earlier ones sync.
+                    for _ in 0..(appender + round) % 4 {
+                        futures_lite::future::yield_now().await;
+                    }
+                    let tag = appender * 100 + round;
+                    let (record, seq) = shard
+                        .append_message(&envelope(tag, 1), &body(tag, 700))
+                        .unwrap();
+                    shard.durable(seq).await.unwrap();
+                    assert_durable(&disk, record);
+                    acknowledged.borrow_mut().push(record);
+                }
+            }));
+        }
+        for appender in appenders {
+            appender.await;
+        }
+        shard.close().await.unwrap();
+        acknowledged.take()
+    });
+    assert_eq!(acknowledged.len(), 16 * ROUNDS as usize);
+    let segments: std::collections::BTreeSet<u32> =
+        acknowledged.iter().map(|record| record.segment).collect();
+    assert!(segments.len() > 3, "only {segments:?} were written");
+    let crashed = disk.crash(0);
+    let recovered = run(async {
+        let (shard, recovered, _) = open(&crashed, true).await;
+        drop(shard);
+        recovered
+    });
+    let recovered: std::collections::BTreeSet<RecordRef> =
+        recovered.iter().map(|message| message.record).collect();
+    for record in &acknowledged {
+        assert!(recovered.contains(record), "acknowledged {record} lost");
+    }
 }
 
 #[test]

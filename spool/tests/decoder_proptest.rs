@@ -4,11 +4,11 @@
 mod common;
 
 use caduceus_spool::format::{
-    RECORD_CRC_OFFSET, RECORD_HEADER_BYTES, RecordBuilder, Sealing, SegmentHeader, UncheckedRecord,
-    decode_message, decode_outcome, decode_relocated, record_crc,
+    OutcomeRecord, RECORD_CRC_OFFSET, RECORD_HEADER_BYTES, RecordBuilder, Sealing, SegmentHeader,
+    UncheckedRecord, decode_message, decode_outcome, decode_relocated, record_crc,
 };
 use caduceus_spool::scan::scan_segment;
-use caduceus_spool::{RecipientState, RecordRef};
+use caduceus_spool::{Outcome, RecipientState, RecordRef};
 use common::{body, envelope, test_keyring};
 use proptest::prelude::*;
 
@@ -151,6 +151,68 @@ fn envelope_without_id(decoded: &caduceus_spool::Envelope, tag: u32) -> caduceus
     let mut expected = envelope(tag, 2);
     expected.message_id = decoded.message_id;
     expected
+}
+
+#[test]
+fn relocated_record_keeps_every_state() {
+    let states = [
+        RecipientState::Pending {
+            attempts: 2,
+            next_attempt_us: 5,
+        },
+        RecipientState::Delivered,
+        RecipientState::Bounced,
+        RecipientState::Expired,
+        RecipientState::Deleted,
+    ];
+    let mut builder = RecordBuilder::default();
+    let record = builder
+        .relocated(
+            &envelope(3, states.len()),
+            &body(3, 64),
+            PREVIOUS,
+            &states,
+            Sealing::Clear,
+        )
+        .unwrap()
+        .to_vec();
+    let mut copies = 0;
+    scan_segment(&segment_with(&record), |_, checked| {
+        let plain = checked.open(None).unwrap();
+        let copy = decode_relocated(&checked.header, &plain).unwrap();
+        assert_eq!(copy.states, states);
+        copies += 1;
+    });
+    assert_eq!(copies, 1);
+}
+
+#[test]
+fn outcome_record_keeps_every_outcome() {
+    let outcomes = [
+        Outcome::Deferred {
+            next_attempt_us: 1_800_000_000_000_000,
+        },
+        Outcome::Delivered,
+        Outcome::Bounced,
+        Outcome::Expired,
+        Outcome::Deleted,
+    ];
+    for outcome in outcomes {
+        let written = OutcomeRecord {
+            message: PREVIOUS,
+            recipient_index: 1,
+            outcome,
+            attempts: 4,
+        };
+        let mut builder = RecordBuilder::default();
+        let record = builder.outcome(&written, Sealing::Clear).to_vec();
+        let mut decoded = Vec::new();
+        scan_segment(&segment_with(&record), |_, checked| {
+            let plain = checked.open(None).unwrap();
+            decoded.push(decode_outcome(&plain).unwrap());
+        });
+        assert_eq!(decoded, vec![written], "{outcome:?}");
+    }
 }
 
 #[test]

@@ -316,6 +316,41 @@ fn recovery_returns_only_pending_recipients() {
 }
 
 #[test]
+fn deleted_outcome_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = run(async {
+        let (shard, _, _) = Shard::open(options(dir.path(), Some(test_keyring(1, 3))))
+            .await
+            .unwrap();
+        let (record, _) = shard.append_message(&envelope(1, 2), &body(1, 10)).unwrap();
+        let seq = shard
+            .append_outcome(record, 0, Outcome::Deleted, 0)
+            .unwrap();
+        shard.durable(seq).await.unwrap();
+        shard.close().await.unwrap();
+        record
+    });
+    run(async {
+        let (shard, recovered, _) = Shard::open(options(dir.path(), Some(test_keyring(1, 3))))
+            .await
+            .unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].record, record);
+        assert_eq!(
+            recovered[0].states,
+            vec![
+                RecipientState::Deleted,
+                RecipientState::Pending {
+                    attempts: 0,
+                    next_attempt_us: 0
+                },
+            ]
+        );
+        shard.close().await.unwrap();
+    });
+}
+
+#[test]
 fn reclamation_deletes_final_segments() {
     let dir = tempfile::tempdir().unwrap();
     run(async {

@@ -272,3 +272,60 @@ fn show_running_then_stopped_engine() {
     let (success, stdout, stderr) = run_caduceus(&["audit", "verify"], &config);
     assert!(success, "{stdout}{stderr}");
 }
+
+#[test]
+fn show_reports_deleted_recipient() {
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"held.test\"\nroute = \"127.0.0.1:9\"\nhold = true\n\
+         [[rule]]\ndomain = \"kept.test\"\nroute = \"127.0.0.1:9\"\nhold = true\n",
+        engine_config(None)
+    );
+    let mut engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let output = Swaks::socket(engine.socket(Lane::Bulk))
+        .from(CARE_SENDER)
+        .to("patient.one@held.test")
+        .to("patient.two@kept.test")
+        .data(format!("Subject: {SUBJECT}\r\n\r\nBody\r\n").as_bytes())
+        .run()
+        .expect("swaks");
+    assert!(output.status.success(), "swaks failed: {output:?}");
+    let log = common::wait_for_log(&engine, |entry| entry["event"] == "received", WAIT);
+    let message_id = log
+        .iter()
+        .find(|entry| entry["event"] == "received")
+        .and_then(|entry| entry["message_id"].as_str())
+        .expect("message id in the delivery log")
+        .to_string();
+
+    let socket = engine.state_dir().join("run").join("control.sock");
+    let response = control_request(
+        &socket,
+        r#"{"command":"queue.delete","destination":"held.test"}"#,
+    );
+    assert_eq!(response["ok"], true, "{response}");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let (success, stdout, stderr) = run_caduceus(&["spool", "show", &message_id], &config_path);
+    assert!(success, "{stderr}");
+    assert!(
+        stdout.contains("<patient.one@held.test> deleted"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("<patient.two@kept.test> pending"),
+        "{stdout}"
+    );
+
+    // The spool files contain the deleted outcome too, so the stopped
+    // engine shows the same.
+    engine.sigterm().expect("SIGTERM");
+    let status = engine.wait_exit(WAIT).expect("engine exit");
+    assert!(status.success(), "engine exit: {status:?}");
+    let (success, stdout, stderr) = run_caduceus(&["spool", "show", &message_id], &config_path);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("engine stopped"), "{stdout}");
+    assert!(
+        stdout.contains("<patient.one@held.test> deleted"),
+        "{stdout}"
+    );
+}

@@ -354,7 +354,7 @@ fn render_commit(out: &mut String, registry: &Registry, totals: &Totals) {
         ),
         (
             "caduceus_spool_fsync_failures_total",
-            "Spool fdatasync calls that failed; the shard then rejects appends until the engine restarts.",
+            "Spool fdatasync calls that failed; each retires the segment it synced.",
             |c| c.fsync_failures,
         ),
     ];

@@ -140,6 +140,10 @@ impl Admission for ShardAdmission {
         let durable = shard.spool.durable(seq).await;
         durable.map_err(|error| {
             tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: group commit failed; the client gets 451 and will retry");
+            // The client's retry brings the message again, so this copy is
+            // dropped. If its bytes reached the disk anyway and its segment
+            // outlives a restart, recovery delivers it a second time.
+            shard.spool.release(record);
             Reply::new(
                 451,
                 EnhancedStatus::new(4, 3, 0),

@@ -1507,8 +1507,8 @@ pub fn delete_domain(shard: &Rc<Shard>, domain: &str) -> usize {
                 shard,
                 &item,
                 index,
-                RecipientState::Bounced,
-                Outcome::Bounced,
+                RecipientState::Deleted,
+                Outcome::Deleted,
                 attempts,
                 None,
             );
@@ -1541,8 +1541,8 @@ fn delete_handed(shard: &Rc<Shard>, item: &WorkItem) -> usize {
             shard,
             item,
             *index,
-            RecipientState::Bounced,
-            Outcome::Bounced,
+            RecipientState::Deleted,
+            Outcome::Deleted,
             attempts,
             None,
         );

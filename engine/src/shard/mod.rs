@@ -383,7 +383,7 @@ async fn adopt_orphans(
         })?;
         crate::audit::reconcile_orphan(orphan, &report)
             .map_err(|error| format!("core {own}: {error}"))?;
-        let mut last_seq = None;
+        let mut seqs = Vec::new();
         let mut adopted = Vec::new();
         for message in messages {
             let stored = old.read_message(message.record).map_err(|error| {
@@ -409,14 +409,16 @@ async fn adopt_orphans(
                 .append_message(&envelope, &stored.body)
                 .map_err(|error| format!("core {own}: adopting shard {orphan} failed: {error}"))?;
             crate::audit::adopted(&envelope, record, orphan);
-            last_seq = Some(seq);
+            seqs.push(seq);
             adopted.push(caduceus_spool::RecoveredMessage {
                 record,
                 envelope,
                 states,
             });
         }
-        if let Some(seq) = last_seq {
+        // A failed sync fails only its own segment, so each copy is checked
+        // before the old shard's files go.
+        for seq in seqs {
             spool.durable(seq).await.map_err(|error| {
                 format!("core {own}: adopting shard {orphan} failed to sync: {error}")
             })?;

@@ -19,7 +19,8 @@
 //! A crash between the two steps leaves both copies on disk; recovery keeps
 //! the newer one (see `recovery.rs`).
 
-use super::{LiveMessage, Shard, SpaceUse, wait_durable};
+use super::commit::wait_durable;
+use super::{LiveMessage, Shard, SpaceUse};
 use crate::error::{AppendError, CommitError};
 use crate::format::{BuildError, SEALED_OUTCOME_RECORD_BYTES};
 use crate::storage::{Segment, Storage};
@@ -72,7 +73,9 @@ pub struct Relocation {
     copied_bytes: u64,
     skipped: u32,
     deferred_by_budget: u32,
-    last_seq: Option<CommitSeq>,
+    /// The latest copy in each segment that received copies. A failed sync
+    /// fails only its own segment, so every segment's copies are waited for.
+    last_seqs: Vec<CommitSeq>,
     /// Pins the old copies held: segment and live bytes, dropped once the
     /// new copies are durable.
     old_pins: Vec<(u32, u64)>,
@@ -245,8 +248,8 @@ impl<S: Storage + 'static> Shard<S> {
     /// message in its old location at least. The error is the commit error
     /// that every other waiter of that sync gets too.
     pub async fn complete_relocation(&self, relocation: Relocation) -> Result<(), CommitError> {
-        if let Some(seq) = relocation.last_seq {
-            wait_durable(&self.inner, seq.get()).await?;
+        for seq in &relocation.last_seqs {
+            wait_durable(&self.inner, *seq).await?;
         }
         // An old copy must not outlive its replacement, or recovery would
         // take the old copy's state for the current one.
@@ -341,7 +344,13 @@ impl<S: Storage + 'static> Shard<S> {
                 .into_iter()
                 .map(|segment| (segment, SEALED_OUTCOME_RECORD_BYTES)),
         );
-        relocation.last_seq = Some(self.note_append(new.segment, record_bytes));
+        let seq = self.note_append(new.segment, record_bytes);
+        // Appends fill one segment before the next, so a segment's copies
+        // are consecutive in this list.
+        match relocation.last_seqs.last_mut() {
+            Some(last) if last.segment == new.segment => *last = seq,
+            _ => relocation.last_seqs.push(seq),
+        }
         relocation.moved.push((old, new));
         Ok(record_bytes)
     }

@@ -210,6 +210,7 @@ pub(super) async fn recover<S: Storage>(
                                 Outcome::Delivered => RecipientState::Delivered,
                                 Outcome::Bounced => RecipientState::Bounced,
                                 Outcome::Expired => RecipientState::Expired,
+                                Outcome::Deleted => RecipientState::Deleted,
                             };
                             if id != outcome.message.segment
                                 && !message.outcome_segments.contains(&id)
