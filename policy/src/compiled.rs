@@ -135,17 +135,20 @@ pub(crate) struct RuleSource {
 #[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Policy {
     recipient_domains: SuffixTable,
+    /// The settings of each slot of `recipient_domains`, at the slot's
+    /// index. Keeping them parallel to the slots, rather than indexed by
+    /// rule, lets a lookup fetch the slot and its settings at once.
+    recipient_rules: Vec<LaneRules>,
     mx_hosts: SuffixTable,
+    /// The settings of each slot of `mx_hosts`, at the slot's index.
+    mx_rules: Vec<LaneRules>,
     sender_domains: SuffixTable,
-    /// `(rules.len() + 1) * 2` entries: rule `i` in lane `l` is at
-    /// `i * 2 + l`, and the defaults take the last two.
-    effective: Vec<EffectiveRule>,
+    defaults: LaneRules,
     pub(crate) sources: Vec<RuleSource>,
 }
 
-fn lane_slot(rule_index: usize, lane: Lane) -> usize {
-    rule_index * Lane::ALL.len() + lane as usize
-}
+/// A rule's settings in each lane, indexed by `Lane as usize`.
+type LaneRules = [EffectiveRule; Lane::ALL.len()];
 
 /// Removes one trailing dot, which names from DNS answers may carry.
 fn without_root_dot(name: &str) -> &[u8] {
@@ -170,17 +173,18 @@ impl Policy {
             )
         })?;
 
-        let mut effective = Vec::with_capacity((checked.len() + 1) * Lane::ALL.len());
-        for (index, (rule, checked_rule)) in config.rules.iter().zip(&checked).enumerate() {
-            // `check_config` caps the rule count far below u32::MAX.
-            let rule_id = index as u32;
-            for lane in Lane::ALL {
-                effective.push(merge(config, lane, rule_id, Some((rule, checked_rule))));
-            }
-        }
-        for lane in Lane::ALL {
-            effective.push(merge(config, lane, DEFAULT_RULE_ID, None));
-        }
+        let rule_settings: Vec<LaneRules> = config
+            .rules
+            .iter()
+            .zip(&checked)
+            .enumerate()
+            .map(|(index, (rule, checked_rule))| {
+                // `check_config` caps the rule count far below u32::MAX.
+                let rule_id = index as u32;
+                Lane::ALL.map(|lane| merge(config, lane, rule_id, Some((rule, checked_rule))))
+            })
+            .collect();
+        let defaults = Lane::ALL.map(|lane| merge(config, lane, DEFAULT_RULE_ID, None));
 
         let duplicate = |(first, second): (u32, u32)| {
             ConfigError::invalid(
@@ -216,6 +220,8 @@ impl Policy {
             },
         ))
         .map_err(duplicate)?;
+        let recipient_rules = rules_by_slot(&recipient_domains, &rule_settings);
+        let mx_rules = rules_by_slot(&mx_hosts, &rule_settings);
 
         let sources = config
             .rules
@@ -228,9 +234,11 @@ impl Policy {
             .collect();
         Ok(Policy {
             recipient_domains,
+            recipient_rules,
             mx_hosts,
+            mx_rules,
             sender_domains,
-            effective,
+            defaults,
             sources,
         })
     }
@@ -242,7 +250,7 @@ impl Policy {
     /// [`crate::normalise_domain`] returns; other forms match no rule.
     pub fn for_domain(&self, domain: &str, lane: Lane) -> &EffectiveRule {
         match self.recipient_domains.lookup(without_root_dot(domain)) {
-            Some(rule_index) => &self.effective[lane_slot(rule_index as usize, lane)],
+            Some(slot_index) => &self.recipient_rules[slot_index][lane as usize],
             None => self.defaults(lane),
         }
     }
@@ -252,7 +260,7 @@ impl Policy {
     pub fn for_mx_host(&self, host: &str, lane: Lane) -> Option<&EffectiveRule> {
         self.mx_hosts
             .lookup(without_root_dot(host))
-            .map(|rule_index| &self.effective[lane_slot(rule_index as usize, lane)])
+            .map(|slot_index| &self.mx_rules[slot_index][lane as usize])
     }
 
     /// Returns true when the config has `mx` rules, so that a caller can
@@ -263,15 +271,13 @@ impl Policy {
 
     /// Returns the settings used when no rule matches.
     pub fn defaults(&self, lane: Lane) -> &EffectiveRule {
-        &self.effective[lane_slot(self.sources.len(), lane)]
+        &self.defaults[lane as usize]
     }
 
     /// Returns the category forced on mail from `sender_domain` (a lowercase
     /// A-label), if a rule with `sender_category` matches it.
     pub fn sender_category(&self, sender_domain: &str) -> Option<Category> {
-        let rule_index = self
-            .sender_domains
-            .lookup(without_root_dot(sender_domain))?;
+        let rule_index = self.sender_rule(sender_domain)?;
         self.sources[rule_index as usize].config.sender_category
     }
 
@@ -287,13 +293,6 @@ impl Policy {
         if rule_count >= DEFAULT_RULE_ID as usize {
             return Err(format!("{rule_count} rules is too many"));
         }
-        let expected_effective = (rule_count + 1) * Lane::ALL.len();
-        if self.effective.len() != expected_effective {
-            return Err(format!(
-                "{} effective rules for {rule_count} rules; expected {expected_effective}",
-                self.effective.len()
-            ));
-        }
         let tables = [
             ("recipient domain", &self.recipient_domains),
             ("MX host", &self.mx_hosts),
@@ -304,16 +303,29 @@ impl Policy {
                 .check(rule_count)
                 .map_err(|problem| format!("{name} table: {problem}"))?;
         }
-        for (index, rule) in self.effective.iter().enumerate() {
-            let expected_id = match index / Lane::ALL.len() {
-                rule_index if rule_index == rule_count => DEFAULT_RULE_ID,
-                rule_index => rule_index as u32,
-            };
-            if rule.rule_id != expected_id || rule.retry_schedule.is_empty() {
-                return Err(format!("effective rule {index} is inconsistent"));
+        let slot_rules = [
+            (
+                "recipient domain",
+                &self.recipient_domains,
+                &self.recipient_rules,
+            ),
+            ("MX host", &self.mx_hosts, &self.mx_rules),
+        ];
+        for (name, table, rules) in slot_rules {
+            if rules.len() != table.slot_count() {
+                return Err(format!(
+                    "{name} table: {} rule settings for {} slots",
+                    rules.len(),
+                    table.slot_count()
+                ));
+            }
+            for (slot_index, rule_index) in table.occupied_slots() {
+                check_lane_rules(&rules[slot_index], rule_index)
+                    .map_err(|problem| format!("{name} table: slot {slot_index}: {problem}"))?;
             }
         }
-        Ok(())
+        check_lane_rules(&self.defaults, DEFAULT_RULE_ID)
+            .map_err(|problem| format!("defaults: {problem}"))
     }
 
     /// Computes the lookup filters, which compiled files do not store.
@@ -324,7 +336,9 @@ impl Policy {
     }
 
     pub(crate) fn sender_rule(&self, sender_domain: &str) -> Option<u32> {
-        self.sender_domains.lookup(without_root_dot(sender_domain))
+        self.sender_domains
+            .lookup(without_root_dot(sender_domain))
+            .map(|slot_index| self.sender_domains.rule_index(slot_index))
     }
 }
 
@@ -334,6 +348,55 @@ fn entry(pattern: &DomainPattern, index: usize) -> TableEntry<'_> {
         wildcard: pattern.wildcard,
         rule_index: index as u32,
     }
+}
+
+/// Returns the settings for each slot of `table`, taken from
+/// `rule_settings` (indexed by rule). Empty slots hold [`vacant_rules`].
+fn rules_by_slot(table: &SuffixTable, rule_settings: &[LaneRules]) -> Vec<LaneRules> {
+    let mut rules: Vec<LaneRules> = (0..table.slot_count()).map(|_| vacant_rules()).collect();
+    for (slot_index, rule_index) in table.occupied_slots() {
+        rules[slot_index] = rule_settings[rule_index as usize].clone();
+    }
+    rules
+}
+
+/// Returns the placeholder for an empty slot, which no lookup returns. Its
+/// empty retry schedule allocates nothing, so empty slots cost only their
+/// inline size.
+fn vacant_rules() -> LaneRules {
+    Lane::ALL.map(|_| EffectiveRule {
+        rule_id: DEFAULT_RULE_ID,
+        tls: TlsMode::None,
+        route: None,
+        rate_per_sec: None,
+        burst: 0,
+        max_connections: 0,
+        max_messages_per_connection: 0,
+        retry_schedule: Box::new([]),
+        max_queue_lifetime: Duration::ZERO,
+        hold: false,
+    })
+}
+
+/// Checks that each lane's settings belong to rule `rule_id` and have a
+/// retry schedule.
+fn check_lane_rules(rules: &LaneRules, rule_id: u32) -> Result<(), String> {
+    for (lane, rule) in Lane::ALL.iter().zip(rules) {
+        if rule.rule_id != rule_id {
+            return Err(format!(
+                "the {} lane's settings are for rule {}, not rule {rule_id}",
+                lane.as_str(),
+                rule.rule_id
+            ));
+        }
+        if rule.retry_schedule.is_empty() {
+            return Err(format!(
+                "the {} lane's retry schedule is empty",
+                lane.as_str()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Merges a rule's overrides with the lane and delivery defaults.
