@@ -359,7 +359,7 @@ fn entry(pattern: &DomainPattern, index: usize) -> TableEntry<'_> {
 }
 
 /// Returns the settings for each slot of `table`, taken from
-/// `rule_settings` (indexed by rule). Empty slots hold [`vacant_rules`].
+/// `rule_settings` (indexed by rule). Empty slots hold [`vacant_rule`].
 fn rules_by_slot(table: &SuffixTable, rule_settings: &[LaneRules]) -> SlotRules {
     Lane::ALL.map(|lane| {
         let mut rules: Vec<EffectiveRule> =

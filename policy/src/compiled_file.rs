@@ -34,7 +34,7 @@ use crate::file_io::write_atomically;
 const MAGIC: [u8; 8] = *b"CDCSPOLC";
 /// Bump whenever a type archived inside [`Policy`] changes. Version 2 has
 /// 64-byte suffix table slots with names inline and rule settings stored
-/// per slot; version 1 had 24-byte slots and settings stored per rule.
+/// per slot. Version 1 had 24-byte slots and settings stored per rule.
 pub(crate) const FORMAT_VERSION: u32 = 2;
 
 const MAGIC_OFFSET: usize = 0;

@@ -34,7 +34,8 @@
 //! slot. The filter is derived from the slots, so it is not archived:
 //! [`SuffixTable::build`] and [`SuffixTable::rebuild_filter`] compute it.
 
-/// The longest name stored inside a slot. Longer names go to the arena.
+/// Maximum length in bytes of a name stored inside a slot. Longer names
+/// go to the arena.
 pub(crate) const INLINE_NAME_BYTES: usize = 46;
 
 /// One key of the table, filling one cache line.
@@ -44,8 +45,8 @@ struct Slot {
     /// The key's hash, as [`key_hash`] computes it.
     hash: u64,
     rule_index: u32,
-    /// Where the name starts in the arena, when it is longer than
-    /// [`INLINE_NAME_BYTES`]; otherwise 0.
+    /// Offset of the name in the arena when it is longer than
+    /// [`INLINE_NAME_BYTES`], otherwise 0.
     long_name_offset: u32,
     /// Zero marks an empty slot; stored names are never empty.
     name_length: u8,
@@ -102,7 +103,7 @@ fn filter_position(hash: u64, block_count: usize) -> (usize, [u64; 3]) {
 }
 
 /// Seeds and multipliers of the label-wise hash. The multipliers are odd
-/// 64-bit constants with mixed bits; the finaliser's two are those of
+/// 64-bit constants with mixed bits. The finaliser's two are those of
 /// MurmurHash3's `fmix64`.
 const SUFFIX_SEED: u64 = 0x243f_6a88_85a3_08d3;
 const LABEL_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
