@@ -24,6 +24,10 @@ impl PolicyCell {
         self.current.load_full()
     }
 
+    // NOTE: the thread that drops the last reference frees the old policy,
+    // which took 32 to 58 ms for 100,000 rules on the benchmark machine. A
+    // delivery worker keeps its snapshot for its whole connection, so that
+    // thread can be a delivery core, which then stalls for that long.
     pub fn store(&self, policy: Policy) {
         self.current.store(Arc::new(policy));
     }
