@@ -84,14 +84,14 @@ mod tests {
     #[test]
     fn replaced_policy_freed_by_retire_thread() {
         let cell = PolicyCell::new(policy());
-        let held = cell.load();
-        let weak = Arc::downgrade(&held);
+        let delivery_snapshot = cell.load();
+        let weak = Arc::downgrade(&delivery_snapshot);
         cell.store(policy());
 
         // The retiring thread holds the other reference, so the delivery's
         // drop below is not the one that frees the policy.
-        assert_eq!(Arc::strong_count(&held), 2);
-        drop(held);
+        assert_eq!(Arc::strong_count(&delivery_snapshot), 2);
+        drop(delivery_snapshot);
         let deadline = Instant::now() + Duration::from_secs(10);
         while weak.strong_count() > 0 {
             assert!(
