@@ -284,7 +284,15 @@ fn policy_benches(c: &mut Criterion) {
         text.len(),
         started.elapsed().as_millis()
     );
+    // After a reload, the thread that releases the last reference to the
+    // old policy frees it. When that is a delivery core, this is how long
+    // the core stops.
+    let started = Instant::now();
     drop(parsed);
+    println!(
+        "policy: drop_ms={:.1}",
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
     let queries = domain_queries(QueryMix::All);
     let mut group = c.benchmark_group("policy");

@@ -135,17 +135,25 @@ pub(crate) struct RuleSource {
 #[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Policy {
     recipient_domains: SuffixTable,
+    /// The settings of each slot of `recipient_domains`, at the slot's
+    /// index. Keeping them parallel to the slots, rather than indexed by
+    /// rule, lets a lookup fetch the slot and its settings at once.
+    recipient_rules: SlotRules,
     mx_hosts: SuffixTable,
+    /// The settings of each slot of `mx_hosts`, at the slot's index.
+    mx_rules: SlotRules,
     sender_domains: SuffixTable,
-    /// `(rules.len() + 1) * 2` entries: rule `i` in lane `l` is at
-    /// `i * 2 + l`, and the defaults take the last two.
-    effective: Vec<EffectiveRule>,
+    defaults: LaneRules,
     pub(crate) sources: Vec<RuleSource>,
 }
 
-fn lane_slot(rule_index: usize, lane: Lane) -> usize {
-    rule_index * Lane::ALL.len() + lane as usize
-}
+/// A rule's settings in each lane, indexed by `Lane as usize`.
+type LaneRules = [EffectiveRule; Lane::ALL.len()];
+
+/// The settings of each slot of a table, as `rules[lane as usize][slot]`.
+/// One array per lane keeps the memory a lookup in one lane touches at
+/// half of what interleaved lanes would take.
+type SlotRules = [Vec<EffectiveRule>; Lane::ALL.len()];
 
 /// Removes one trailing dot, which names from DNS answers may carry.
 fn without_root_dot(name: &str) -> &[u8] {
@@ -170,17 +178,18 @@ impl Policy {
             )
         })?;
 
-        let mut effective = Vec::with_capacity((checked.len() + 1) * Lane::ALL.len());
-        for (index, (rule, checked_rule)) in config.rules.iter().zip(&checked).enumerate() {
-            // `check_config` caps the rule count far below u32::MAX.
-            let rule_id = index as u32;
-            for lane in Lane::ALL {
-                effective.push(merge(config, lane, rule_id, Some((rule, checked_rule))));
-            }
-        }
-        for lane in Lane::ALL {
-            effective.push(merge(config, lane, DEFAULT_RULE_ID, None));
-        }
+        let rule_settings: Vec<LaneRules> = config
+            .rules
+            .iter()
+            .zip(&checked)
+            .enumerate()
+            .map(|(index, (rule, checked_rule))| {
+                // `check_config` caps the rule count far below u32::MAX.
+                let rule_id = index as u32;
+                Lane::ALL.map(|lane| merge(config, lane, rule_id, Some((rule, checked_rule))))
+            })
+            .collect();
+        let defaults = Lane::ALL.map(|lane| merge(config, lane, DEFAULT_RULE_ID, None));
 
         let duplicate = |(first, second): (u32, u32)| {
             ConfigError::invalid(
@@ -216,6 +225,8 @@ impl Policy {
             },
         ))
         .map_err(duplicate)?;
+        let recipient_rules = rules_by_slot(&recipient_domains, &rule_settings);
+        let mx_rules = rules_by_slot(&mx_hosts, &rule_settings);
 
         let sources = config
             .rules
@@ -228,9 +239,11 @@ impl Policy {
             .collect();
         Ok(Policy {
             recipient_domains,
+            recipient_rules,
             mx_hosts,
+            mx_rules,
             sender_domains,
-            effective,
+            defaults,
             sources,
         })
     }
@@ -242,7 +255,7 @@ impl Policy {
     /// [`crate::normalise_domain`] returns; other forms match no rule.
     pub fn for_domain(&self, domain: &str, lane: Lane) -> &EffectiveRule {
         match self.recipient_domains.lookup(without_root_dot(domain)) {
-            Some(rule_index) => &self.effective[lane_slot(rule_index as usize, lane)],
+            Some(slot_index) => &self.recipient_rules[lane as usize][slot_index],
             None => self.defaults(lane),
         }
     }
@@ -252,7 +265,7 @@ impl Policy {
     pub fn for_mx_host(&self, host: &str, lane: Lane) -> Option<&EffectiveRule> {
         self.mx_hosts
             .lookup(without_root_dot(host))
-            .map(|rule_index| &self.effective[lane_slot(rule_index as usize, lane)])
+            .map(|slot_index| &self.mx_rules[lane as usize][slot_index])
     }
 
     /// Returns true when the config has `mx` rules, so that a caller can
@@ -263,15 +276,13 @@ impl Policy {
 
     /// Returns the settings used when no rule matches.
     pub fn defaults(&self, lane: Lane) -> &EffectiveRule {
-        &self.effective[lane_slot(self.sources.len(), lane)]
+        &self.defaults[lane as usize]
     }
 
     /// Returns the category forced on mail from `sender_domain` (a lowercase
     /// A-label), if a rule with `sender_category` matches it.
     pub fn sender_category(&self, sender_domain: &str) -> Option<Category> {
-        let rule_index = self
-            .sender_domains
-            .lookup(without_root_dot(sender_domain))?;
+        let rule_index = self.sender_rule(sender_domain)?;
         self.sources[rule_index as usize].config.sender_category
     }
 
@@ -287,13 +298,6 @@ impl Policy {
         if rule_count >= DEFAULT_RULE_ID as usize {
             return Err(format!("{rule_count} rules is too many"));
         }
-        let expected_effective = (rule_count + 1) * Lane::ALL.len();
-        if self.effective.len() != expected_effective {
-            return Err(format!(
-                "{} effective rules for {rule_count} rules; expected {expected_effective}",
-                self.effective.len()
-            ));
-        }
         let tables = [
             ("recipient domain", &self.recipient_domains),
             ("MX host", &self.mx_hosts),
@@ -304,16 +308,32 @@ impl Policy {
                 .check(rule_count)
                 .map_err(|problem| format!("{name} table: {problem}"))?;
         }
-        for (index, rule) in self.effective.iter().enumerate() {
-            let expected_id = match index / Lane::ALL.len() {
-                rule_index if rule_index == rule_count => DEFAULT_RULE_ID,
-                rule_index => rule_index as u32,
-            };
-            if rule.rule_id != expected_id || rule.retry_schedule.is_empty() {
-                return Err(format!("effective rule {index} is inconsistent"));
+        let slot_rules = [
+            (
+                "recipient domain",
+                &self.recipient_domains,
+                &self.recipient_rules,
+            ),
+            ("MX host", &self.mx_hosts, &self.mx_rules),
+        ];
+        for (name, table, rules) in slot_rules {
+            for (lane, lane_rules) in Lane::ALL.iter().zip(rules) {
+                if lane_rules.len() != table.slot_count() {
+                    return Err(format!(
+                        "{name} table: {} {} lane settings for {} slots",
+                        lane_rules.len(),
+                        lane.as_str(),
+                        table.slot_count()
+                    ));
+                }
+                for (slot_index, rule_index) in table.occupied_slots() {
+                    check_rule(*lane, &lane_rules[slot_index], rule_index)
+                        .map_err(|problem| format!("{name} table: slot {slot_index}: {problem}"))?;
+                }
             }
         }
-        Ok(())
+        check_lane_rules(&self.defaults, DEFAULT_RULE_ID)
+            .map_err(|problem| format!("defaults: {problem}"))
     }
 
     /// Computes the lookup filters, which compiled files do not store.
@@ -324,7 +344,9 @@ impl Policy {
     }
 
     pub(crate) fn sender_rule(&self, sender_domain: &str) -> Option<u32> {
-        self.sender_domains.lookup(without_root_dot(sender_domain))
+        self.sender_domains
+            .lookup(without_root_dot(sender_domain))
+            .map(|slot_index| self.sender_domains.rule_index(slot_index))
     }
 }
 
@@ -334,6 +356,65 @@ fn entry(pattern: &DomainPattern, index: usize) -> TableEntry<'_> {
         wildcard: pattern.wildcard,
         rule_index: index as u32,
     }
+}
+
+/// Returns the settings for each slot of `table`, taken from
+/// `rule_settings` (indexed by rule). Empty slots hold [`vacant_rule`].
+fn rules_by_slot(table: &SuffixTable, rule_settings: &[LaneRules]) -> SlotRules {
+    Lane::ALL.map(|lane| {
+        let mut rules: Vec<EffectiveRule> =
+            (0..table.slot_count()).map(|_| vacant_rule()).collect();
+        for (slot_index, rule_index) in table.occupied_slots() {
+            rules[slot_index] = rule_settings[rule_index as usize][lane as usize].clone();
+        }
+        rules
+    })
+}
+
+/// Returns the placeholder for an empty slot, which no lookup returns. Its
+/// empty retry schedule allocates nothing, so empty slots cost only their
+/// inline size.
+fn vacant_rule() -> EffectiveRule {
+    EffectiveRule {
+        rule_id: DEFAULT_RULE_ID,
+        tls: TlsMode::None,
+        route: None,
+        rate_per_sec: None,
+        burst: 0,
+        max_connections: 0,
+        max_messages_per_connection: 0,
+        retry_schedule: Box::new([]),
+        max_queue_lifetime: Duration::ZERO,
+        hold: false,
+    }
+}
+
+/// Checks that each lane's settings belong to rule `rule_id` and have a
+/// retry schedule.
+fn check_lane_rules(rules: &LaneRules, rule_id: u32) -> Result<(), String> {
+    for (lane, rule) in Lane::ALL.iter().zip(rules) {
+        check_rule(*lane, rule, rule_id)?;
+    }
+    Ok(())
+}
+
+/// Checks that `rule`, the settings in `lane`, belong to rule `rule_id` and
+/// have a retry schedule.
+fn check_rule(lane: Lane, rule: &EffectiveRule, rule_id: u32) -> Result<(), String> {
+    if rule.rule_id != rule_id {
+        return Err(format!(
+            "the {} lane's settings are for rule {}, not rule {rule_id}",
+            lane.as_str(),
+            rule.rule_id
+        ));
+    }
+    if rule.retry_schedule.is_empty() {
+        return Err(format!(
+            "the {} lane's retry schedule is empty",
+            lane.as_str()
+        ));
+    }
+    Ok(())
 }
 
 /// Merges a rule's overrides with the lane and delivery defaults.

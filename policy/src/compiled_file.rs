@@ -9,7 +9,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic, `CDCSPOLC` |
-//! | 8 | 4 | format version, 1 |
+//! | 8 | 4 | format version, 2 |
 //! | 12 | 4 | CRC-32C of the archive |
 //! | 16 | 8 | archive length in bytes |
 //! | 24 | 4 | CRC-32C of bytes 0 to 23 |
@@ -32,8 +32,10 @@ use crate::compiled::Policy;
 use crate::file_io::write_atomically;
 
 const MAGIC: [u8; 8] = *b"CDCSPOLC";
-/// Bump whenever a type archived inside [`Policy`] changes.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Bump whenever a type archived inside [`Policy`] changes. Version 2 has
+/// 64-byte suffix table slots with names inline and rule settings stored
+/// per slot. Version 1 had 24-byte slots and settings stored per rule.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = MAGIC_OFFSET + 8;
@@ -53,7 +55,10 @@ pub enum CompiledPolicyError {
         #[source]
         source: io::Error,
     },
-    #[error("compiled policy {}: {problem}; compile it again from the config", path.display())]
+    #[error(
+        "compiled policy {}: {problem}; compile it again from the config with `caduceus policy compile`",
+        path.display()
+    )]
     Invalid { path: PathBuf, problem: String },
 }
 
@@ -176,30 +181,52 @@ mod tests {
         let path = directory.path().join("policy.compiled");
         policy.write_compiled(&path).unwrap();
         let error = Policy::open_compiled(&path).unwrap_err().to_string();
-        assert!(error.contains("effective rules for 1 rules"), "{error}");
+        assert!(
+            error.contains("points at rule 1, but there are 1 rules"),
+            "{error}"
+        );
+    }
+
+    /// Writes a compiled file whose header claims `version`, with a header
+    /// checksum that matches, so that only the version is wrong.
+    fn write_with_version(path: &Path, version: u32) {
+        let config = parse_config(CONFIG, "test.toml").unwrap();
+        let policy = Policy::compile(&config).unwrap();
+        policy.write_compiled(path).unwrap();
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&version.to_le_bytes());
+        let header_crc = crc32c::crc32c(&bytes[..HEADER_CRC_OFFSET]);
+        bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
+        std::fs::write(path, &bytes).unwrap();
     }
 
     #[test]
     fn open_rejects_other_version() {
-        let config = parse_config(CONFIG, "test.toml").unwrap();
-        let policy = Policy::compile(&config).unwrap();
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("policy.compiled");
-        policy.write_compiled(&path).unwrap();
-
-        // Rewrite the version as another build would write it, with a
-        // header checksum that matches, so that only the version is wrong.
         let other_version = FORMAT_VERSION + 1;
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&other_version.to_le_bytes());
-        let header_crc = crc32c::crc32c(&bytes[..HEADER_CRC_OFFSET]);
-        bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
-        std::fs::write(&path, &bytes).unwrap();
+        write_with_version(&path, other_version);
 
         let error = Policy::open_compiled(&path).unwrap_err().to_string();
         let expected = format!("format version {other_version} is not supported");
         assert!(error.contains(&expected), "{error}");
-        assert!(error.contains("compile it again"), "{error}");
+        assert!(error.contains("caduceus policy compile"), "{error}");
+    }
+
+    #[test]
+    fn open_rejects_version_1_file() {
+        // Version 1 files have the older slot layout, so the fix is to
+        // compile the config again.
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("policy.compiled");
+        write_with_version(&path, 1);
+
+        let error = Policy::open_compiled(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("format version 1 is not supported; this build reads version 2"),
+            "{error}"
+        );
+        assert!(error.contains("caduceus policy compile"), "{error}");
     }
 
     #[test]

@@ -1,59 +1,81 @@
-//! A read-only table from domain suffixes to rule indexes.
+//! A read-only table from domain suffix patterns to slots that carry rules.
 //!
-//! Each stored name is keyed by a 64-bit FNV-1a hash of its bytes taken from
-//! the last byte to the first. Hashing in that order lets a lookup hash every
-//! label-aligned suffix of the query in one right-to-left pass. When the pass
-//! reaches the first byte of a label, the running hash is already the hash of
-//! the suffix that starts there. A hit is confirmed by comparing the
-//! stored bytes, so a hash collision costs one comparison and never a wrong
-//! match.
+//! A pattern is a name and a kind: exact (`name`) or wildcard (`*.name`),
+//! and the two kinds of one name are separate keys. Keys are hashed label
+//! by label from the last label to the first: each label is hashed 8 bytes
+//! at a time and folded into the running hash of the suffix to its right.
+//! A lookup therefore gets the running hash of every label-aligned suffix
+//! of the query in one right-to-left pass. The key hash of a suffix is its
+//! running hash, mixed by [`finish`]. The key hash of its wildcard extends
+//! the running hash by a `*` label first, as if hashing `*.suffix`.
 //!
-//! The table is flat (a slot array and one byte arena of names, both indexed
-//! by `u32`) so that it can later be archived with rkyv and memory-mapped.
+//! Slots are 64 bytes, aligned to a cache line, and contain the hash, the
+//! rule index and the name. Names of up to [`INLINE_NAME_BYTES`] bytes are
+//! stored in the slot, so a hit reads one cache line of the table. A longer
+//! name is stored in an arena, and confirming it reads the arena too. Every
+//! hit is confirmed by comparing the whole name, so a hash collision costs
+//! one comparison and never a wrong match.
 //!
-//! A blocked Bloom filter of about 10 bits per name sits in front of the
-//! slots. With 100,000 names the slots and names take about 8 MB, so a probe
-//! usually misses the CPU caches. The filter takes 128 KiB and stays in
-//! them. A suffix that no rule names, such as most of the suffixes of a
-//! query and every suffix of a domain without a rule, is then rejected
-//! without reading a slot. The filter is derived from the names, so it is
-//! not archived: [`SuffixTable::build`] and [`SuffixTable::rebuild_filter`]
-//! compute it.
+//! [`SuffixTable::lookup`] returns the index of the matching slot. Callers
+//! keep their per-rule data in an array parallel to the slots, so that the
+//! address of that data depends only on the slot index. Most keys sit in
+//! the slot their hash selects, so the CPU can fetch the slot and the
+//! caller's data for that slot at the same time instead of one after the
+//! other.
+//!
+//! The table is flat (slots and one byte arena, indexed by `u32`) so that it
+//! can be archived with rkyv.
+//!
+//! A blocked Bloom filter of about 10 bits per key sits in front of the
+//! slots. With 100,000 keys the slots take 16 MiB, so a probe usually misses
+//! the CPU caches. The filter takes 128 KiB and stays in them. A suffix that
+//! no pattern names, such as most of the suffixes of a query and every
+//! suffix of a domain without a rule, is then rejected without reading a
+//! slot. The filter is derived from the slots, so it is not archived:
+//! [`SuffixTable::build`] and [`SuffixTable::rebuild_filter`] compute it.
 
-/// Marks an empty `exact` or `wildcard` field of a slot.
-pub(crate) const NO_RULE: u32 = u32::MAX;
+/// Maximum length in bytes of a name stored inside a slot. Longer names
+/// go to the arena.
+pub(crate) const INLINE_NAME_BYTES: usize = 46;
 
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
+/// One key of the table, filling one cache line.
 #[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[repr(C, align(64))]
 struct Slot {
+    /// The key's hash, as [`key_hash`] computes it.
     hash: u64,
-    name_offset: u32,
+    rule_index: u32,
+    /// Offset of the name in the arena when it is longer than
+    /// [`INLINE_NAME_BYTES`], otherwise 0.
+    long_name_offset: u32,
     /// Zero marks an empty slot; stored names are never empty.
-    name_length: u32,
-    /// The rule for the name itself.
-    exact: u32,
-    /// The rule for every name below this one (`*.name`).
-    wildcard: u32,
+    name_length: u8,
+    /// The key is `*.name` rather than `name`.
+    wildcard: bool,
+    /// The name when it fits, followed by zeros; all zeros otherwise.
+    inline_name: [u8; INLINE_NAME_BYTES],
 }
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
 
 const EMPTY_SLOT: Slot = Slot {
     hash: 0,
-    name_offset: 0,
+    rule_index: 0,
+    long_name_offset: 0,
     name_length: 0,
-    exact: NO_RULE,
-    wildcard: NO_RULE,
+    wildcard: false,
+    inline_name: [0; INLINE_NAME_BYTES],
 };
 
 /// Patterns compiled into a lookup table; see the module documentation.
 #[derive(Clone, Debug, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct SuffixTable {
     /// Open addressing with linear probing. The length is zero or a power of
-    /// two at least twice the number of names, so probes stay short and
+    /// two at least twice the number of keys, so probes stay short and
     /// always reach an empty slot.
     slots: Vec<Slot>,
-    names: Vec<u8>,
+    /// Names longer than [`INLINE_NAME_BYTES`], back to back.
+    long_names: Vec<u8>,
     /// The filter as 512-bit blocks of 8 words. The block count is a power
     /// of two. An empty filter, as before it is computed, lets every hash
     /// through.
@@ -61,9 +83,9 @@ pub(crate) struct SuffixTable {
     filter: Vec<u64>,
 }
 
-/// Filter bits per stored name. With three bits set per name this gives
+/// Filter bits per stored key. With three bits set per key this gives
 /// an estimated 2 % false positives.
-const FILTER_BITS_PER_NAME: usize = 10;
+const FILTER_BITS_PER_KEY: usize = 10;
 const FILTER_BLOCK_WORDS: usize = 8;
 const FILTER_BLOCK_BITS: u64 = 512;
 
@@ -80,14 +102,102 @@ fn filter_position(hash: u64, block_count: usize) -> (usize, [u64; 3]) {
     (block, bits)
 }
 
-fn hash_step(hash: u64, byte: u8) -> u64 {
-    (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+/// Seeds and multipliers of the label-wise hash. The multipliers are odd
+/// 64-bit constants with mixed bits. The finaliser's two are those of
+/// MurmurHash3's `fmix64`.
+const SUFFIX_SEED: u64 = 0x243f_6a88_85a3_08d3;
+const LABEL_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+const SUFFIX_MULTIPLIER: u64 = 0xd6e8_feb8_6659_fd93;
+const FINAL_MULTIPLIERS: [u64; 2] = [0xff51_afd7_ed55_8ccd, 0xc4ce_b9fe_1a85_ec53];
+
+/// Returns `bytes[start..end]`, at most 8 bytes, as a little-endian integer
+/// with the missing high bytes zero. When 8 bytes end at `end`, one load
+/// reads them and a shift drops those before `start`.
+fn load_partial(bytes: &[u8], start: usize, end: usize) -> u64 {
+    let length = end - start;
+    if length == 0 {
+        return 0;
+    }
+    if end >= 8 {
+        let mut window = [0u8; 8];
+        window.copy_from_slice(&bytes[end - 8..end]);
+        return u64::from_le_bytes(window) >> (8 * (8 - length));
+    }
+    bytes[start..end]
+        .iter()
+        .rev()
+        .fold(0, |value, byte| value << 8 | u64::from(*byte))
 }
 
-fn hash_reversed(name: &[u8]) -> u64 {
-    name.iter()
-        .rev()
-        .fold(FNV_OFFSET_BASIS, |hash, byte| hash_step(hash, *byte))
+/// Hashes the label `bytes[start..end]`, 8 bytes per step.
+fn label_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
+    let mut hash = ((end - start) as u64).wrapping_mul(LABEL_MULTIPLIER);
+    let mut chunk_start = start;
+    while end - chunk_start > 8 {
+        let mut chunk = [0u8; 8];
+        chunk.copy_from_slice(&bytes[chunk_start..chunk_start + 8]);
+        hash = (hash ^ u64::from_le_bytes(chunk))
+            .wrapping_mul(LABEL_MULTIPLIER)
+            .rotate_left(29);
+        chunk_start += 8;
+    }
+    (hash ^ load_partial(bytes, chunk_start, end))
+        .wrapping_mul(LABEL_MULTIPLIER)
+        .rotate_left(29)
+}
+
+/// Extends the running hash of a suffix by the label to its left. The
+/// label's own hash does not depend on `suffix`, so the CPU can compute
+/// the hashes of several labels at once, and the chain from one suffix to
+/// the next is one multiplication.
+fn extend(suffix: u64, bytes: &[u8], start: usize, end: usize) -> u64 {
+    (suffix.rotate_left(23) ^ label_hash(bytes, start, end)).wrapping_mul(SUFFIX_MULTIPLIER)
+}
+
+/// Mixes a running suffix hash into a key hash with every bit depending on
+/// every input bit, because the slot index and the filter position use
+/// different bits of it.
+fn finish(hash: u64) -> u64 {
+    let mut hash = hash ^ hash >> 33;
+    hash = hash.wrapping_mul(FINAL_MULTIPLIERS[0]);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(FINAL_MULTIPLIERS[1]);
+    hash ^ hash >> 33
+}
+
+/// Returns the key hash of the wildcard pattern `*.suffix`, given the
+/// running hash of `suffix`: the running hash extended by a `*` label.
+fn wildcard_key(suffix: u64) -> u64 {
+    finish(extend(suffix, b"*", 0, 1))
+}
+
+/// Returns the key hash of `name` of the given kind. The lookup walk
+/// computes the same value label by label.
+fn key_hash(name: &[u8], wildcard: bool) -> u64 {
+    let mut suffix = SUFFIX_SEED;
+    let mut end = name.len();
+    loop {
+        let start = label_start(name, end);
+        suffix = extend(suffix, name, start, end);
+        if start == 0 {
+            break;
+        }
+        end = start - 1;
+    }
+    if wildcard {
+        wildcard_key(suffix)
+    } else {
+        finish(suffix)
+    }
+}
+
+/// Returns where the label that ends at `end` starts: after the nearest
+/// dot before `end`, or at 0.
+fn label_start(name: &[u8], end: usize) -> usize {
+    name[..end]
+        .iter()
+        .rposition(|byte| *byte == b'.')
+        .map_or(0, |dot| dot + 1)
 }
 
 /// A name and whether the pattern is `*.name`, in the order rules appear.
@@ -98,13 +208,40 @@ pub(crate) struct TableEntry<'a> {
 }
 
 impl SuffixTable {
-    /// Returns true when the table contains no pattern.
+    /// Returns true when the table has no slots, as a table built from no
+    /// patterns has. Takes constant time, unlike counting occupied slots.
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.slots.is_empty()
+    }
+
+    /// Returns the number of slots, empty ones included. Callers size their
+    /// arrays parallel to the slots with it.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Returns the index and rule index of every occupied slot.
+    pub fn occupied_slots(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.name_length != 0)
+            .map(|(index, slot)| (index, slot.rule_index))
+    }
+
+    /// Returns the rule index stored in an occupied slot, as returned by
+    /// [`SuffixTable::lookup`].
+    pub fn rule_index(&self, slot_index: usize) -> u32 {
+        self.slots[slot_index].rule_index
     }
 
     /// Builds the table. Returns the two rule indexes of the first duplicate
     /// pattern found, which validation has normally rejected already.
+    ///
+    /// # Panics
+    ///
+    /// Panics on an empty name or one longer than 255 bytes. Validation
+    /// limits domain names to 253 bytes.
     pub fn build<'a>(
         entries: impl IntoIterator<Item = TableEntry<'a>>,
     ) -> Result<SuffixTable, (u32, u32)> {
@@ -116,39 +253,62 @@ impl SuffixTable {
         };
         let mut table = SuffixTable {
             slots: vec![EMPTY_SLOT; capacity],
-            names: Vec::new(),
+            long_names: Vec::new(),
             filter: Vec::new(),
         };
         for entry in entries {
-            let index = table.insert_name(entry.name.as_bytes());
-            let slot = &mut table.slots[index];
-            let field = if entry.wildcard {
-                &mut slot.wildcard
-            } else {
-                &mut slot.exact
-            };
-            if *field != NO_RULE {
-                return Err((*field, entry.rule_index));
-            }
-            *field = entry.rule_index;
+            table.insert(entry)?;
         }
         table.rebuild_filter();
         Ok(table)
     }
 
-    /// Computes the filter from the stored names, as a table read from a
-    /// compiled file needs after [`SuffixTable::check`].
+    fn insert(&mut self, entry: TableEntry<'_>) -> Result<(), (u32, u32)> {
+        let name = entry.name.as_bytes();
+        let name_length = u8::try_from(name.len())
+            .ok()
+            .filter(|length| *length != 0)
+            .expect("validation limits names to 1 to 253 bytes");
+        let hash = key_hash(name, entry.wildcard);
+        if let Some(index) = self.find(hash, name, entry.wildcard) {
+            return Err((self.slots[index].rule_index, entry.rule_index));
+        }
+
+        let mut slot = Slot {
+            hash,
+            rule_index: entry.rule_index,
+            name_length,
+            wildcard: entry.wildcard,
+            ..EMPTY_SLOT
+        };
+        if name.len() <= INLINE_NAME_BYTES {
+            slot.inline_name[..name.len()].copy_from_slice(name);
+        } else {
+            slot.long_name_offset = u32::try_from(self.long_names.len())
+                .expect("the arena stays under 4 GiB because compile caps the rule count");
+            self.long_names.extend_from_slice(name);
+        }
+
+        let mask = self.slots.len() - 1;
+        // The capacity is at least twice the entry count, so an empty slot
+        // exists and this loop ends.
+        let mut index = hash as usize & mask;
+        while self.slots[index].name_length != 0 {
+            index = (index + 1) & mask;
+        }
+        self.slots[index] = slot;
+        Ok(())
+    }
+
+    /// Computes the filter from the slots, as a table read from a compiled
+    /// file needs after [`SuffixTable::check`].
     pub fn rebuild_filter(&mut self) {
-        let name_count = self
-            .slots
-            .iter()
-            .filter(|slot| slot.name_length != 0)
-            .count();
-        if name_count == 0 {
+        let key_count = self.occupied_slots().count();
+        if key_count == 0 {
             self.filter = Vec::new();
             return;
         }
-        let block_count = (name_count * FILTER_BITS_PER_NAME)
+        let block_count = (key_count * FILTER_BITS_PER_KEY)
             .div_ceil(FILTER_BLOCK_BITS as usize)
             .next_power_of_two();
         let mut filter = vec![0u64; block_count * FILTER_BLOCK_WORDS];
@@ -164,7 +324,7 @@ impl SuffixTable {
         self.filter = filter;
     }
 
-    /// Returns false when no stored name has the hash `hash`.
+    /// Returns false when no stored key has the hash `hash`.
     fn may_contain(&self, hash: u64) -> bool {
         if self.filter.is_empty() {
             return true;
@@ -176,34 +336,9 @@ impl SuffixTable {
             .all(|bit| words[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
     }
 
-    /// Returns the slot index for `name`, adding the name if it is new.
-    fn insert_name(&mut self, name: &[u8]) -> usize {
-        let hash = hash_reversed(name);
-        if let Some(index) = self.find(hash, name) {
-            return index;
-        }
-        let mask = self.slots.len() - 1;
-        // The capacity is at least twice the entry count, so an empty slot
-        // exists and this loop ends.
-        let mut index = hash as usize & mask;
-        while self.slots[index].name_length != 0 {
-            index = (index + 1) & mask;
-        }
-        let name_offset = u32::try_from(self.names.len())
-            .expect("the names arena stays under 4 GiB because compile caps the rule count");
-        self.names.extend_from_slice(name);
-        self.slots[index] = Slot {
-            hash,
-            name_offset,
-            // Domain names are at most 253 octets, checked at validation.
-            name_length: name.len() as u32,
-            exact: NO_RULE,
-            wildcard: NO_RULE,
-        };
-        index
-    }
-
-    fn find(&self, hash: u64, name: &[u8]) -> Option<usize> {
+    /// Returns the slot index of the key (`name`, `wildcard`), whose hash
+    /// is `hash`.
+    fn find(&self, hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
         if self.slots.is_empty() || !self.may_contain(hash) {
             return None;
         }
@@ -214,22 +349,29 @@ impl SuffixTable {
             if slot.name_length == 0 {
                 return None;
             }
-            if slot.hash == hash && self.slot_name(slot) == name {
+            if slot.hash == hash && slot.wildcard == wildcard && self.slot_name(slot) == Some(name)
+            {
                 return Some(index);
             }
             index = (index + 1) & mask;
         }
     }
 
-    fn slot_name(&self, slot: &Slot) -> &[u8] {
-        let start = slot.name_offset as usize;
-        &self.names[start..start + slot.name_length as usize]
+    /// Returns the name of an occupied slot, or `None` when a damaged slot
+    /// points outside the arena.
+    fn slot_name<'s>(&'s self, slot: &'s Slot) -> Option<&'s [u8]> {
+        let length = usize::from(slot.name_length);
+        if length <= INLINE_NAME_BYTES {
+            return Some(&slot.inline_name[..length]);
+        }
+        let start = slot.long_name_offset as usize;
+        self.long_names.get(start..start.checked_add(length)?)
     }
 
     /// Checks the invariants that lookups rely on, for a table read from a
-    /// file: every name is inside the arena, hashes to its slot's hash and
-    /// is found by a probe, every rule index is below `rule_count`, and an
-    /// empty slot exists so that probing ends.
+    /// file: every name is inside its slot or the arena, hashes to its
+    /// slot's hash and is found by a probe, every rule index is below
+    /// `rule_count`, and an empty slot exists so that probing ends.
     pub fn check(&self, rule_count: usize) -> Result<(), String> {
         if self.slots.is_empty() {
             return Ok(());
@@ -244,64 +386,55 @@ impl SuffixTable {
             if slot.name_length == 0 {
                 continue;
             }
-            let start = slot.name_offset as usize;
-            let name = start
-                .checked_add(slot.name_length as usize)
-                .and_then(|end| self.names.get(start..end))
+            let name = self
+                .slot_name(slot)
                 .ok_or_else(|| format!("slot {index} names bytes outside the arena"))?;
-            if hash_reversed(name) != slot.hash || self.find(slot.hash, name) != Some(index) {
+            if key_hash(name, slot.wildcard) != slot.hash
+                || self.find(slot.hash, name, slot.wildcard) != Some(index)
+            {
                 return Err(format!("slot {index} is not where its hash puts it"));
             }
-            for rule in [slot.exact, slot.wildcard] {
-                if rule != NO_RULE && rule as usize >= rule_count {
-                    return Err(format!(
-                        "slot {index} points at rule {rule}, but there are {rule_count} rules"
-                    ));
-                }
+            if slot.rule_index as usize >= rule_count {
+                return Err(format!(
+                    "slot {index} points at rule {}, but there are {rule_count} rules",
+                    slot.rule_index
+                ));
             }
         }
         Ok(())
     }
 
-    /// Returns the rule of the longest pattern that matches `name`: an exact
-    /// pattern for `name` itself, else the wildcard of its nearest ancestor.
-    /// Allocates nothing and takes no locks.
+    /// Returns the slot of the longest pattern that matches `name`: an
+    /// exact pattern for `name` itself, else the wildcard of its nearest
+    /// ancestor. Allocates nothing and takes no locks.
     ///
     /// `name` is expected to be a valid lowercase A-label name. A name with
     /// an empty first label never matches; other malformed names may match
     /// by their well-formed suffix.
-    pub fn lookup(&self, name: &[u8]) -> Option<u32> {
-        // TODO: a hit waits on three reads in a row (slot, stored name, the
-        // caller's rule), each a likely cache miss with 100,000 rules. A p99
-        // under 100 ns needs the name and rule data inside the slot.
+    pub fn lookup(&self, name: &[u8]) -> Option<usize> {
         if self.slots.is_empty() || name.is_empty() || name[0] == b'.' {
             return None;
         }
-        let mut hash = FNV_OFFSET_BASIS;
+        let mut suffix = SUFFIX_SEED;
         let mut best = None;
-        // Walk from the last byte to the second. Whenever the byte before
-        // position `i` is a dot, `name[i..]` is a proper label-aligned suffix
-        // and `hash` is its hash. Later hits are longer suffixes, so each
-        // overrides the one before.
-        for i in (1..name.len()).rev() {
-            hash = hash_step(hash, name[i]);
-            if name[i - 1] == b'.'
-                && let Some(index) = self.find(hash, &name[i..])
-            {
-                let wildcard = self.slots[index].wildcard;
-                if wildcard != NO_RULE {
-                    best = Some(wildcard);
-                }
+        // Walk the labels from the last to the first. After each step,
+        // `suffix` is the running hash of `name[start..]`. While `start` is
+        // not 0, that is a proper label-aligned suffix, whose wildcard may
+        // match. Later hits are longer suffixes, so each overrides the one
+        // before.
+        let mut end = name.len();
+        loop {
+            let start = label_start(name, end);
+            suffix = extend(suffix, name, start, end);
+            if start == 0 {
+                break;
             }
-        }
-        hash = hash_step(hash, name[0]);
-        if let Some(index) = self.find(hash, name) {
-            let exact = self.slots[index].exact;
-            if exact != NO_RULE {
-                return Some(exact);
+            if let Some(index) = self.find(wildcard_key(suffix), &name[start..], true) {
+                best = Some(index);
             }
+            end = start - 1;
         }
-        best
+        self.find(finish(suffix), name, false).or(best)
     }
 }
 
@@ -354,21 +487,30 @@ mod tests {
         .unwrap()
     }
 
+    fn exact_key(name: &[u8]) -> u64 {
+        key_hash(name, false)
+    }
+
+    /// Returns the rule index of the slot that `lookup` returns.
+    fn lookup_rule(table: &SuffixTable, name: &[u8]) -> Option<u32> {
+        table.lookup(name).map(|index| table.rule_index(index))
+    }
+
     #[test]
     fn lookup_prefers_longest_pattern() {
         let table = table(&["*.example", "*.a.example", "b.a.example", "example"]);
-        assert_eq!(table.lookup(b"example"), Some(3));
-        assert_eq!(table.lookup(b"z.example"), Some(0));
-        assert_eq!(table.lookup(b"a.example"), Some(0));
-        assert_eq!(table.lookup(b"x.a.example"), Some(1));
-        assert_eq!(table.lookup(b"y.x.a.example"), Some(1));
-        assert_eq!(table.lookup(b"b.a.example"), Some(2));
-        assert_eq!(table.lookup(b"c.b.a.example"), Some(1));
-        assert_eq!(table.lookup(b"other"), None);
-        assert_eq!(table.lookup(b"xexample"), None);
-        assert_eq!(table.lookup(b""), None);
-        assert_eq!(table.lookup(b"."), None);
-        assert_eq!(table.lookup(b".example"), None);
+        assert_eq!(lookup_rule(&table, b"example"), Some(3));
+        assert_eq!(lookup_rule(&table, b"z.example"), Some(0));
+        assert_eq!(lookup_rule(&table, b"a.example"), Some(0));
+        assert_eq!(lookup_rule(&table, b"x.a.example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"y.x.a.example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"b.a.example"), Some(2));
+        assert_eq!(lookup_rule(&table, b"c.b.a.example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"other"), None);
+        assert_eq!(lookup_rule(&table, b"xexample"), None);
+        assert_eq!(lookup_rule(&table, b""), None);
+        assert_eq!(lookup_rule(&table, b"."), None);
+        assert_eq!(lookup_rule(&table, b".example"), None);
     }
 
     #[test]
@@ -379,13 +521,13 @@ mod tests {
             "a.b.c.d.e.f.g.example",
             "d.c.b.a",
         ]);
-        assert_eq!(table.lookup(b"d.c.b.a"), Some(3));
-        assert_eq!(table.lookup(b"x.d.c.b.a"), None);
-        assert_eq!(table.lookup(b"a.b.c.d.e.f.g.example"), Some(2));
-        assert_eq!(table.lookup(b"z.b.c.d.e.f.g.example"), Some(1));
-        assert_eq!(table.lookup(b"y.z.b.c.d.e.f.g.example"), Some(1));
-        assert_eq!(table.lookup(b"a.b.c.d.e.f.x.example"), Some(0));
-        assert_eq!(table.lookup(b"a.b.c.d.e.f.g.example.org"), None);
+        assert_eq!(lookup_rule(&table, b"d.c.b.a"), Some(3));
+        assert_eq!(lookup_rule(&table, b"x.d.c.b.a"), None);
+        assert_eq!(lookup_rule(&table, b"a.b.c.d.e.f.g.example"), Some(2));
+        assert_eq!(lookup_rule(&table, b"z.b.c.d.e.f.g.example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"y.z.b.c.d.e.f.g.example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"a.b.c.d.e.f.x.example"), Some(0));
+        assert_eq!(lookup_rule(&table, b"a.b.c.d.e.f.g.example.org"), None);
     }
 
     #[test]
@@ -393,10 +535,10 @@ mod tests {
         // Rules hold A-labels (bücher.example and ü.example here), and
         // lookups take A-labels, as normalise_domain returns them.
         let table = table(&["xn--bcher-kva.example", "*.xn--tda.example"]);
-        assert_eq!(table.lookup(b"xn--bcher-kva.example"), Some(0));
-        assert_eq!(table.lookup(b"mail.xn--tda.example"), Some(1));
-        assert_eq!(table.lookup(b"xn--tda.example"), None);
-        assert_eq!(table.lookup("bücher.example".as_bytes()), None);
+        assert_eq!(lookup_rule(&table, b"xn--bcher-kva.example"), Some(0));
+        assert_eq!(lookup_rule(&table, b"mail.xn--tda.example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"xn--tda.example"), None);
+        assert_eq!(lookup_rule(&table, "bücher.example".as_bytes()), None);
     }
 
     #[test]
@@ -428,7 +570,7 @@ mod tests {
         for _ in 0..20_000 {
             let name = random_name(&mut state);
             assert_eq!(
-                table.lookup(name.as_bytes()),
+                lookup_rule(&table, name.as_bytes()),
                 reference_lookup(&patterns, &name),
                 "{name}"
             );
@@ -438,38 +580,178 @@ mod tests {
     #[test]
     fn hash_collision_is_not_a_match() {
         let table = table(&["example.com"]);
-        let stored_hash = hash_reversed(b"example.com");
-        assert!(table.find(stored_hash, b"example.com").is_some());
-        assert!(table.find(stored_hash, b"exbmple.com").is_none());
+        let stored_hash = exact_key(b"example.com");
+        assert!(table.find(stored_hash, b"example.com", false).is_some());
+        assert!(table.find(stored_hash, b"exbmple.com", false).is_none());
+        assert!(table.find(stored_hash, b"example.com", true).is_none());
     }
+
+    /// A name of 60 bytes, too long to fit in a slot.
+    const LONG_NAME: &str = "a-long-host-name-for-the-arena.mail.subdomain.example.health";
 
     #[test]
     fn check_rejects_damaged_tables() {
-        let good = table(&["example", "*.a.example"]);
-        assert_eq!(good.check(2), Ok(()));
-        assert!(good.check(1).unwrap_err().contains("points at rule 1"));
+        let wildcard_long = format!("*.{LONG_NAME}");
+        let good = table(&["example", "*.a.example", &wildcard_long]);
+        assert_eq!(good.check(3), Ok(()));
+        assert!(good.check(2).unwrap_err().contains("points at rule 2"));
 
         let mut outside = good.clone();
-        let filled = outside
+        let long = outside
+            .slots
+            .iter()
+            .position(|slot| usize::from(slot.name_length) > INLINE_NAME_BYTES)
+            .unwrap();
+        outside.slots[long].long_name_offset = 1000;
+        assert!(outside.check(3).unwrap_err().contains("outside the arena"));
+
+        let filled = good
             .slots
             .iter()
             .position(|slot| slot.name_length != 0)
             .unwrap();
-        outside.slots[filled].name_offset = 1000;
-        assert!(outside.check(2).unwrap_err().contains("outside the arena"));
-
         let mut moved = good.clone();
         moved.slots[filled].hash ^= 1;
-        assert!(moved.check(2).unwrap_err().contains("not where its hash"));
+        assert!(moved.check(3).unwrap_err().contains("not where its hash"));
+
+        let mut renamed = good.clone();
+        renamed.slots[filled].inline_name[0] ^= 1;
+        assert!(renamed.check(3).unwrap_err().contains("not where its hash"));
+
+        let mut kind_flipped = good.clone();
+        kind_flipped.slots[filled].wildcard = !kind_flipped.slots[filled].wildcard;
+        assert!(
+            kind_flipped
+                .check(3)
+                .unwrap_err()
+                .contains("not where its hash")
+        );
 
         let mut full = good.clone();
         let template = full.slots[filled];
         full.slots.fill(template);
-        assert!(full.check(2).unwrap_err().contains("no empty slot"));
+        assert!(full.check(3).unwrap_err().contains("no empty slot"));
 
         let mut odd = good;
         odd.slots.push(EMPTY_SLOT);
-        assert!(odd.check(2).unwrap_err().contains("power of two"));
+        assert!(odd.check(3).unwrap_err().contains("power of two"));
+    }
+
+    #[test]
+    fn slot_fills_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::align_of::<Slot>(), 64);
+        let table = table(&["example"]);
+        assert_eq!(table.slots.as_ptr() as usize % 64, 0);
+    }
+
+    #[test]
+    fn long_names_match_exactly() {
+        let inline_longest = format!("{}.example", "a".repeat(INLINE_NAME_BYTES - 8));
+        let arena_shortest = format!("{}.example", "a".repeat(INLINE_NAME_BYTES - 7));
+        assert_eq!(inline_longest.len(), INLINE_NAME_BYTES);
+        assert_eq!(arena_shortest.len(), INLINE_NAME_BYTES + 1);
+        let longest = format!(
+            "{}.{}.{}.example",
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(63)
+        );
+        let wildcard_long = format!("*.{LONG_NAME}");
+        let patterns = [
+            inline_longest.as_str(),
+            arena_shortest.as_str(),
+            longest.as_str(),
+            wildcard_long.as_str(),
+            LONG_NAME,
+        ];
+        let table = table(&patterns);
+        assert_eq!(table.check(patterns.len()), Ok(()));
+        assert_eq!(lookup_rule(&table, inline_longest.as_bytes()), Some(0));
+        assert_eq!(lookup_rule(&table, arena_shortest.as_bytes()), Some(1));
+        assert_eq!(lookup_rule(&table, longest.as_bytes()), Some(2));
+        assert_eq!(lookup_rule(&table, LONG_NAME.as_bytes()), Some(4));
+        let below = format!("mx1.{LONG_NAME}");
+        assert_eq!(lookup_rule(&table, below.as_bytes()), Some(3));
+
+        // Names that differ from a stored long name only in their first or
+        // last byte, or lack its first byte, match nothing.
+        let first_changed = format!("x{}", &LONG_NAME[1..]);
+        let last_changed = format!("{}x", &LONG_NAME[..LONG_NAME.len() - 1]);
+        let shorter = &longest[1..];
+        for absent in [first_changed.as_str(), last_changed.as_str(), shorter] {
+            assert_eq!(lookup_rule(&table, absent.as_bytes()), None, "{absent}");
+        }
+    }
+
+    #[test]
+    fn long_name_hash_collision_is_not_a_match() {
+        let table = table(&[LONG_NAME]);
+        let stored_hash = exact_key(LONG_NAME.as_bytes());
+        let mut other = LONG_NAME.as_bytes().to_vec();
+        other[0] = b'b';
+        assert!(
+            table
+                .find(stored_hash, LONG_NAME.as_bytes(), false)
+                .is_some()
+        );
+        assert!(table.find(stored_hash, &other, false).is_none());
+    }
+
+    #[test]
+    fn exact_and_wildcard_are_separate_keys() {
+        let table = table(&["*.example", "example"]);
+        assert_eq!(table.occupied_slots().count(), 2);
+        assert_eq!(lookup_rule(&table, b"example"), Some(1));
+        assert_eq!(lookup_rule(&table, b"a.example"), Some(0));
+        assert_ne!(table.lookup(b"example"), table.lookup(b"a.example"));
+    }
+
+    #[test]
+    fn names_sharing_home_slot_all_found() {
+        // Eight patterns make 16 slots. Choosing names whose hash selects
+        // the last slot makes them collide there, so probes wrap around to
+        // the first slots, which the other names also want.
+        let mask = 15;
+        let mut last_slot: Vec<String> = Vec::new();
+        let mut first_slot: Vec<String> = Vec::new();
+        let mut n = 0;
+        while last_slot.len() < 4 || first_slot.len() < 2 {
+            let name = if n % 2 == 0 {
+                format!("host{n}.example")
+            } else {
+                format!("{n}.{LONG_NAME}")
+            };
+            match key_hash(name.as_bytes(), false) & mask {
+                15 if last_slot.len() < 4 => last_slot.push(name),
+                0 if first_slot.len() < 2 => first_slot.push(name),
+                _ => {}
+            }
+            n += 1;
+        }
+        let wildcard_last = format!("*.{}", last_slot[0]);
+        let wildcard_first = format!("*.{}", first_slot[0]);
+        let mut patterns: Vec<&str> = last_slot.iter().map(String::as_str).collect();
+        patterns.extend(first_slot.iter().map(String::as_str));
+        patterns.push(&wildcard_last);
+        patterns.push(&wildcard_first);
+        let table = table(&patterns);
+        assert_eq!(table.slot_count(), 16);
+        assert_eq!(table.check(patterns.len()), Ok(()));
+        assert_eq!(table.slots[15].name_length as usize, last_slot[0].len());
+        for (index, name) in last_slot.iter().chain(&first_slot).enumerate() {
+            assert_eq!(
+                lookup_rule(&table, name.as_bytes()),
+                Some(index as u32),
+                "{name}"
+            );
+        }
+        let below_last = format!("a.{}", last_slot[0]);
+        let below_first = format!("a.{}", first_slot[0]);
+        assert_eq!(lookup_rule(&table, below_last.as_bytes()), Some(6));
+        assert_eq!(lookup_rule(&table, below_first.as_bytes()), Some(7));
+        let below_other = format!("a.{}", last_slot[1]);
+        assert_eq!(lookup_rule(&table, below_other.as_bytes()), None);
     }
 
     #[test]
@@ -482,10 +764,10 @@ mod tests {
         }))
         .unwrap();
         for name in &names {
-            assert!(table.may_contain(hash_reversed(name.as_bytes())), "{name}");
+            assert!(table.may_contain(exact_key(name.as_bytes())), "{name}");
         }
         let passed = (0..10_000)
-            .filter(|n| table.may_contain(hash_reversed(format!("other{n}.example").as_bytes())))
+            .filter(|n| table.may_contain(exact_key(format!("other{n}.example").as_bytes())))
             .count();
         // About 2 % is expected, and 5 % leaves room for this sample's
         // spread.
@@ -512,8 +794,8 @@ mod tests {
             "other",
         ] {
             assert_eq!(
-                without.lookup(name.as_bytes()),
-                with_filter.lookup(name.as_bytes()),
+                lookup_rule(&without, name.as_bytes()),
+                lookup_rule(&with_filter, name.as_bytes()),
                 "{name}"
             );
         }
@@ -524,7 +806,7 @@ mod tests {
     #[test]
     fn empty_table_matches_nothing() {
         let table = table(&[]);
-        assert_eq!(table.lookup(b"example.com"), None);
+        assert_eq!(lookup_rule(&table, b"example.com"), None);
     }
 
     #[test]
@@ -554,8 +836,8 @@ mod tests {
         }))
         .unwrap();
         for (index, name) in names.iter().enumerate() {
-            assert_eq!(table.lookup(name.as_bytes()), Some(index as u32));
+            assert_eq!(lookup_rule(&table, name.as_bytes()), Some(index as u32));
         }
-        assert_eq!(table.lookup(b"host1000.example"), None);
+        assert_eq!(lookup_rule(&table, b"host1000.example"), None);
     }
 }
