@@ -500,7 +500,7 @@ impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             segment_size_bytes: 64 * 1024 * 1024,
-            commit_max_wait: ConfigDuration::from_micros(500),
+            commit_max_wait: ConfigDuration::from_micros(200),
             commit_max_batch: 256,
             encryption: true,
             key_file: None,
