@@ -1537,40 +1537,6 @@ fn reply_421_at_rcpt_defers_all_without_data() {
 }
 
 #[test]
-fn stale_pooled_connection_reset_fails() {
-    let mock = MockMx::start(vec![script(|s| {
-        s.greet(&["PIPELINING"]);
-        s.accept_transaction(1);
-        s.reply("421 4.4.2 mx.example.net command timeout");
-        s.close();
-    })]);
-    let addr = mock.addr;
-    run(async move {
-        let tls = TlsContext::new(None, true).expect("TLS context");
-        let config = test_config();
-        let mut connection = Connection::open(&tls, &params(addr, TlsMode::None, &config))
-            .await
-            .expect("open");
-        let recipients = [recipient("a@example.net")];
-        let results = connection
-            .send(&message(&recipients, BODY))
-            .await
-            .expect("send");
-        assert!(is_delivered(&results[0]));
-        assert_eq!(connection.messages_sent(), 1);
-        glommio::timer::sleep(Duration::from_millis(200)).await;
-        let error = connection.reset().await.unwrap_err();
-        assert!(matches!(error, SessionError::Stale), "{error:?}");
-        assert!(!connection.is_usable());
-        assert!(matches!(
-            connection.send(&message(&recipients, BODY)).await,
-            Err(SessionError::Stale)
-        ));
-    });
-    mock.join();
-}
-
-#[test]
 fn reset_on_live_connection() {
     let mock = MockMx::start(vec![script(|s| {
         s.greet(&["PIPELINING"]);
@@ -1645,12 +1611,13 @@ fn pooled_send_pipelines_rset_mail_rcpt_data() {
     mock.join();
 }
 
-/// A server that closed the idle session replies 421 to the leading RSET,
-/// so the send reports a stale connection and decides no recipient.
-#[test]
-fn pooled_send_to_closed_session_is_stale() {
-    let mock = MockMx::start(vec![script(|s| {
-        s.greet(&["PIPELINING"]);
+/// Sends one message, lets the server close the idle session with 421, then
+/// sends again over the pooled connection: the stale check must report
+/// it and decide no recipient. `capabilities` picks the check: an RSET
+/// leading the pipelined group, or an RSET of its own without PIPELINING.
+fn pooled_send_to_closed_session(capabilities: &'static [&'static str]) {
+    let mock = MockMx::start(vec![script(move |s| {
+        s.greet(capabilities);
         s.accept_transaction(1);
         s.reply("421 4.4.2 mx.example.net command timeout");
         s.close();
@@ -1668,6 +1635,7 @@ fn pooled_send_to_closed_session_is_stale() {
             .await
             .expect("send");
         assert!(is_delivered(&results[0]));
+        assert_eq!(connection.messages_sent(), 1);
         glommio::timer::sleep(Duration::from_millis(200)).await;
         connection.check_stale_on_send();
         let error = connection
@@ -1676,8 +1644,22 @@ fn pooled_send_to_closed_session_is_stale() {
             .unwrap_err();
         assert!(matches!(error, SessionError::Stale), "{error:?}");
         assert!(!connection.is_usable());
+        assert!(matches!(
+            connection.send(&message(&recipients, BODY)).await,
+            Err(SessionError::Stale)
+        ));
     });
     mock.join();
+}
+
+#[test]
+fn pooled_send_to_closed_session_is_stale() {
+    pooled_send_to_closed_session(&["PIPELINING"]);
+}
+
+#[test]
+fn pooled_send_without_pipelining_to_closed_session_is_stale() {
+    pooled_send_to_closed_session(&[]);
 }
 
 /// A server may answer the pipelined DATA with 354 although it rejected

@@ -358,15 +358,7 @@ impl Connection {
         if missing_crlf {
             bytes.extend_from_slice(b"\r\n");
         }
-        let written = self
-            .stream
-            .write_all(&bytes, Stage::Mail, self.timeouts.command)
-            .await;
-        if group.rset {
-            self.read_stale_check(written).await?;
-        } else {
-            written?;
-        }
+        self.write_first_group(&bytes, group).await?;
 
         let mail_reply = self
             .stream
@@ -444,15 +436,7 @@ impl Connection {
             if data_in_group {
                 first_group.extend_from_slice(b"DATA\r\n");
             }
-            let written = self
-                .stream
-                .write_all(&first_group, Stage::Mail, self.timeouts.command)
-                .await;
-            if group.rset {
-                self.read_stale_check(written).await?;
-            } else {
-                written?;
-            }
+            self.write_first_group(&first_group, group).await?;
             self.stream
                 .read_reply(Stage::Mail, self.timeouts.command)
                 .await?
@@ -514,6 +498,24 @@ impl Connection {
             rcpts: replies,
             data,
         })
+    }
+
+    /// Writes a transaction's first group and, when RSET leads it, reads
+    /// the RSET's reply.
+    async fn write_first_group(
+        &mut self,
+        bytes: &[u8],
+        group: FirstGroup,
+    ) -> Result<(), SessionError> {
+        let written = self
+            .stream
+            .write_all(bytes, Stage::Mail, self.timeouts.command)
+            .await;
+        if group.rset {
+            self.read_stale_check(written).await
+        } else {
+            written
+        }
     }
 
     /// Reads the reply to the RSET that leads a pooled connection's first
