@@ -310,19 +310,7 @@ impl Connection {
             .stream
             .read_reply(Stage::DataDone, self.timeouts.data_done)
             .await?;
-        let closing = reply.code == 421;
-        let result = RecipientResult::from_final_reply(reply.clone());
-        for &index in &accepted {
-            results[index] = Some(result.clone());
-        }
-        outcome.data_completed = true;
-        if closing {
-            return Err(SessionError::RemoteRejected {
-                stage: Stage::DataDone,
-                reply,
-            });
-        }
-        Ok(outcome)
+        apply_final_reply(reply, &accepted, outcome, results)
     }
 
     /// Runs one transaction in a single write: MAIL, the RCPTs and the
@@ -395,19 +383,7 @@ impl Connection {
             check_closing(&chunk_reply, Stage::DataDone)?;
             return Ok(outcome);
         }
-        let closing = chunk_reply.code == 421;
-        let result = RecipientResult::from_final_reply(chunk_reply.clone());
-        for &index in &accepted {
-            results[index] = Some(result.clone());
-        }
-        outcome.data_completed = true;
-        if closing {
-            return Err(SessionError::RemoteRejected {
-                stage: Stage::DataDone,
-                reply: chunk_reply,
-            });
-        }
-        Ok(outcome)
+        apply_final_reply(chunk_reply, &accepted, outcome, results)
     }
 
     /// Sends MAIL and the RCPTs and reads their replies, pipelined in groups
@@ -679,6 +655,30 @@ struct TransactionOutcome {
     limit_reply: Option<Reply>,
     /// True when DATA, or the last BDAT chunk, ran to its final reply.
     data_completed: bool,
+}
+
+/// Gives the reply after the content (final dot or last chunk) to every
+/// accepted recipient and completes the transaction; a 421 there also ends
+/// the session.
+fn apply_final_reply(
+    reply: Reply,
+    accepted: &[usize],
+    mut outcome: TransactionOutcome,
+    results: &mut [Option<RecipientResult>],
+) -> Result<TransactionOutcome, SessionError> {
+    let closing = reply.code == 421;
+    let result = RecipientResult::from_final_reply(reply.clone());
+    for &index in accepted {
+        results[index] = Some(result.clone());
+    }
+    outcome.data_completed = true;
+    if closing {
+        return Err(SessionError::RemoteRejected {
+            stage: Stage::DataDone,
+            reply,
+        });
+    }
+    Ok(outcome)
 }
 
 /// Sorts the RCPT replies of `pending`: rejected recipients get their
