@@ -517,3 +517,49 @@ fn own_lifetime_expires_the_message_early() {
         "expired after its own 3 s lifetime, not the lane's day: {expired}"
     );
 }
+
+/// A session that a 421 ended must not carry the next message: with one
+/// connection allowed, the second message of a released queue goes out
+/// on a new connection and is delivered at its first attempt, instead of
+/// being deferred with the first message's 421.
+#[test]
+fn connection_closed_by_421_is_not_reused() {
+    let script = Script {
+        mail: Plan::first(1, Response::Close421),
+        ..Script::default()
+    };
+    let receiver = ScriptedReceiver::start(common::any_port(59), script).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"closing.test\"\nroute = \"{}\"\nmax_connections = 1\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    common::caduceus(&["queue", "hold", "closing.test", "--config"], &config_path);
+    for index in 0..2 {
+        let output = Swaks::socket(engine.socket(Lane::Bulk))
+            .from(common::CARE_SENDER)
+            .to(&format!("member{index}@closing.test"))
+            .data(MESSAGE)
+            .run()
+            .expect("swaks");
+        assert!(output.status.success(), "swaks failed: {output:?}");
+    }
+    common::caduceus(
+        &["queue", "release", "closing.test", "--config"],
+        &config_path,
+    );
+    let log = wait_for_log(&engine, |entry| entry["event"] == "delivered", WAIT);
+    let delivered: Vec<_> = log
+        .iter()
+        .filter(|entry| entry["event"] == "delivered")
+        .collect();
+    assert_eq!(delivered[0]["attempt"], 1, "{log:#?}");
+    let deferred = log
+        .iter()
+        .filter(|entry| entry["event"] == "deferred")
+        .count();
+    assert_eq!(deferred, 1, "{log:#?}");
+}

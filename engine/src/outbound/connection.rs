@@ -81,6 +81,9 @@ pub struct Connection {
     /// Set by [`Connection::check_stale_on_send`]: the next `send` first
     /// checks with RSET that the session is still open on the server.
     pub(super) check_stale: bool,
+    /// The RCPT replies read before a 421 closed the session in the middle
+    /// of the RCPTs, after an accepted MAIL; see `closed_during_rcpt`.
+    pub(super) replies_before_close: Vec<Reply>,
     /// Set once the session can no longer be used; later calls return it.
     pub(super) failed: Option<SessionError>,
     /// The bound source address, when `ConnectParams::source` set one.
@@ -178,6 +181,7 @@ impl Connection {
             messages_sent: 0,
             needs_rset: false,
             check_stale: false,
+            replies_before_close: Vec::new(),
             failed: None,
             source: params.source,
             guard: None,

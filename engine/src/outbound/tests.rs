@@ -1916,3 +1916,49 @@ fn chunking_with_every_recipient_rejected_keeps_the_session() {
     }
     assert!(usable);
 }
+
+/// A 421 in the middle of the RCPT replies ends the session, but the
+/// recipients the server refused before it keep their refusal: they bounce
+/// instead of waiting for a retry. Both the DATA and the BDAT path.
+#[test]
+fn rejections_before_a_421_at_rcpt_are_kept() {
+    for chunking in [false, true] {
+        let script = crate::sink::Script {
+            chunking,
+            recipients: vec![
+                (
+                    "gone@example.net".into(),
+                    crate::sink::Plan::always(crate::sink::Response::reply(
+                        550,
+                        "5.1.1 no such user",
+                    )),
+                ),
+                (
+                    "later@example.net".into(),
+                    crate::sink::Plan::always(crate::sink::Response::Close421),
+                ),
+            ],
+            ..crate::sink::Script::default()
+        };
+        let receiver =
+            crate::sink::ScriptedReceiver::start(SocketAddr::from(([127, 0, 0, 1], 0)), script)
+                .expect("receiver start");
+        let results = deliver(
+            receiver.addr(),
+            TlsMode::None,
+            &["gone@example.net", "later@example.net"],
+            BODY,
+        )
+        .unwrap();
+        assert!(
+            is_permanent(&results[0]),
+            "chunking {chunking}: {results:?}"
+        );
+        assert_eq!(results[0].reply().code, 550);
+        assert!(
+            is_transient(&results[1]),
+            "chunking {chunking}: {results:?}"
+        );
+        assert_eq!(results[1].reply().code, 421);
+    }
+}

@@ -256,11 +256,13 @@ impl Connection {
             && self.capabilities.pipelining
             && rcpts.len() <= RCPT_GROUP_SIZE
         {
-            return self
+            let outcome = self
                 .chunked_transaction(&mail, &rcpts, &prepared.bytes, group, pending, results)
                 .await;
+            return self.keep_rejections_before_close(outcome, pending, results);
         }
-        let replies = self.mail_and_rcpt(&mail, &rcpts, group).await?;
+        let replies = self.mail_and_rcpt(&mail, &rcpts, group).await;
+        let replies = self.keep_rejections_before_close(replies, pending, results)?;
         let Replies {
             mail: mail_reply,
             rcpts: rcpt_replies,
@@ -359,7 +361,14 @@ impl Connection {
                 .stream
                 .read_reply(Stage::Rcpt, self.timeouts.command)
                 .await?;
-            check_closing(&reply, Stage::Rcpt)?;
+            if reply.code == 421 {
+                let kept = if mail_reply.code / 100 == 2 {
+                    rcpt_replies
+                } else {
+                    Vec::new()
+                };
+                return Err(self.closed_during_rcpt(reply, kept));
+            }
             rcpt_replies.push(reply);
         }
         // The last chunk ends the message as the final dot does, so it gets
@@ -449,14 +458,20 @@ impl Connection {
                         .stream
                         .read_reply(Stage::Rcpt, self.timeouts.command)
                         .await?;
-                    check_closing(&reply, Stage::Rcpt)?;
+                    if reply.code == 421 {
+                        let kept = if mail_accepted { replies } else { Vec::new() };
+                        return Err(self.closed_during_rcpt(reply, kept));
+                    }
                     replies.push(reply);
                 }
             }
         } else {
             for rcpt in rcpts {
                 let reply = self.command(rcpt, Stage::Rcpt).await?;
-                check_closing(&reply, Stage::Rcpt)?;
+                if reply.code == 421 {
+                    // Without PIPELINING, RCPTs follow an accepted MAIL only.
+                    return Err(self.closed_during_rcpt(reply, replies));
+                }
                 replies.push(reply);
             }
         }
@@ -474,6 +489,38 @@ impl Connection {
             rcpts: replies,
             data,
         })
+    }
+
+    /// Records, when `result` failed, the rejections among the RCPT replies
+    /// that came before a closing 421 (see `closed_during_rcpt`): a
+    /// recipient refused with 550 bounces rather than waiting for a retry.
+    fn keep_rejections_before_close<T>(
+        &mut self,
+        result: Result<T, SessionError>,
+        pending: &[usize],
+        results: &mut [Option<RecipientResult>],
+    ) -> Result<T, SessionError> {
+        let replies = std::mem::take(&mut self.replies_before_close);
+        if result.is_err() {
+            for (&index, reply) in pending.iter().zip(replies) {
+                if reply.code / 100 != 2 && !is_recipient_limit(&reply) {
+                    results[index] = Some(RecipientResult::rejected(reply));
+                }
+            }
+        }
+        result
+    }
+
+    /// Keeps the RCPT replies read before a 421 that closed the session
+    /// (after an accepted MAIL), so that [`Connection::transaction`]
+    /// records their rejections instead of deferring those recipients with
+    /// the 421, and returns the 421 as the session's error.
+    fn closed_during_rcpt(&mut self, reply: Reply, replies: Vec<Reply>) -> SessionError {
+        self.replies_before_close = replies;
+        SessionError::RemoteRejected {
+            stage: Stage::Rcpt,
+            reply,
+        }
     }
 
     /// Writes a transaction's first group and, when RSET leads it, reads
@@ -658,7 +705,7 @@ struct TransactionOutcome {
 }
 
 /// Gives the reply after the content (final dot or last chunk) to every
-/// accepted recipient and completes the transaction; a 421 there also ends
+/// accepted recipient and completes the transaction. A 421 there also ends
 /// the session.
 fn apply_final_reply(
     reply: Reply,

@@ -618,6 +618,13 @@ async fn deliver_item(
         }
         match open.send(&message).await {
             Ok(results) => {
+                // A session that failed midway (421, a closed connection)
+                // still returns results. The next message must not reuse
+                // the connection, because it would get this session's
+                // failure without reaching the server.
+                if !open.is_usable() {
+                    *connection = None;
+                }
                 let per_recipient = results
                     .into_iter()
                     .map(|result| match result {
