@@ -197,14 +197,16 @@ fn two_core_tuning_profile_is_valid() {
 fn closed_stdout_stops_quietly() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::Stdio;
-    // The reader is gone before the command prints, as with `| head -0`.
-    let mut child = Command::new(binary())
+    // The reader is gone before the command starts, as with `| head -0`.
+    // Closing it only after the start would race with the command's write.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let child = Command::new(binary())
         .args(["policy", "explain", "someone@example.com"])
-        .stdout(Stdio::piped())
+        .stdout(writer)
         .stderr(Stdio::piped())
         .spawn()
         .expect("run caduceus");
-    drop(child.stdout.take());
     let output = child.wait_with_output().expect("wait for caduceus");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
