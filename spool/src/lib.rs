@@ -265,7 +265,7 @@ pub struct SpoolOptions {
     /// Free disk space, in bytes, that the spool leaves untouched: a new
     /// segment is not created when it would leave less than this.
     pub reserve_bytes: u64,
-    /// Which original message records recovery lists in
+    /// The selection of original message records that recovery lists in
     /// [`RecoveryReport::appends`], finished or not.
     pub list_appends: ListAppends,
 }

@@ -337,7 +337,7 @@ fn twenty_random_kills_under_load() {
     );
 
     // Each kill can drop audit records that were staged and not yet
-    // written; every start rebuilds the lost `accepted` records from the
+    // written. Every start rebuilds the lost `accepted` records from the
     // spool, so each acknowledged message still has one.
     let verify = std::process::Command::new(common::binary())
         .args(["audit", "verify", "--config"])

@@ -551,6 +551,7 @@ fn connection_closed_by_421_is_not_reused() {
         &["queue", "release", "closing.test", "--config"],
         &config_path,
     );
+
     let log = wait_for_log(&engine, |entry| entry["event"] == "delivered", WAIT);
     let delivered: Vec<_> = log
         .iter()

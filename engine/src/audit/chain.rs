@@ -328,7 +328,7 @@ impl StreamWriter {
         !self.buffer.is_empty()
     }
 
-    /// The bytes buffered and not yet written to the file.
+    /// Returns the bytes buffered and not yet written to the file.
     pub fn buffered_bytes(&self) -> usize {
         self.buffer.len()
     }

@@ -14,7 +14,7 @@
 //! for the spool's sync only. The flush task writes and syncs the staged
 //! records every 100 ms through io_uring (`fdatasync` on a glommio
 //! `BufferedFile` opened on the same path). A crash can lose staged records,
-//! but not the spool record that holds the same fields, so the start
+//! but not the spool record that contains the same fields, so the start
 //! rebuilds the lost `accepted` records from the spool (see [`reconcile`]).
 //! A finished message is released from the spool only once its records are
 //! synced.
@@ -462,9 +462,9 @@ impl CoreStream {
     }
 }
 
-/// Which spool records of this executor's shard may lack their `accepted`
-/// records: pass it to the spool's recovery, then hand its report to
-/// [`reconcile_spool`]. `Off` without an audit stream on this thread.
+/// Returns which spool records of this executor's shard may lack their
+/// `accepted` records. Pass it to the spool's recovery, then hand its
+/// report to [`reconcile_spool`]. `Off` without an audit stream here.
 pub fn appends_to_check() -> ListAppends {
     core_stream().map_or(ListAppends::Off, |stream| stream.appends_to_check)
 }
@@ -482,9 +482,9 @@ pub fn reconcile_spool(spool: &Rc<SpoolShard>, report: &RecoveryReport) -> Resul
     stream.rebuild(report, None)
 }
 
-/// Which spool records of the adopted shard `orphan` may lack their
-/// `accepted` records, from that shard's own stream; `Off` without an
-/// audit stream on this thread.
+/// Returns which spool records of the adopted shard `orphan` may lack
+/// their `accepted` records, read from that shard's own stream. `Off`
+/// without an audit stream on this thread.
 pub fn orphan_appends_to_check(orphan: u16) -> Result<ListAppends, String> {
     match core_stream() {
         Some(stream) => stream_appends_to_check(&stream.dir, orphan),

@@ -4,7 +4,7 @@
 //! An executor stages a message's `accepted` record when it appends the
 //! message to its spool shard, and the flush task writes and syncs it later.
 //! The `250` waits only for the spool's group commit, and the spool record
-//! holds every field of the `accepted` record. So the spool serves as the
+//! contains every field of the `accepted` record. So the spool serves as the
 //! write-ahead record for the audit stream: whatever a crash lost from the
 //! audit files is rebuilt from the spool when the executor starts again.
 //!
@@ -47,7 +47,7 @@ struct Mark<'a> {
     spool: Option<&'a str>,
 }
 
-/// Formats a spool location as the `spool` field holds it.
+/// Formats a spool location as the `spool` field writes it.
 pub fn location(record: RecordRef) -> String {
     format!("{}:{}", record.segment, record.offset)
 }
@@ -167,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_come_last_first_and_a_torn_fragment_is_skipped() {
+    fn backward_scan_skips_torn_fragment() {
         for chunk_split in [false, true] {
             assert_eq!(
                 lines_backwards(b"aaa\nbbb\nccc\ntorn", chunk_split),
@@ -188,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_spool_location_bounds_the_check() {
+    fn check_starts_after_newest_location() {
         let (_dir, files) = stream_with(&[
             r#"{"seq":1,"event":"accepted","spool":"1:64"}"#,
             r#"{"seq":2,"event":"accepted","spool":"2:4096"}"#,
@@ -204,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reconciliation_of_an_empty_spool_checks_every_record() {
+    fn check_after_empty_spool_lists_all() {
         let (_dir, files) = stream_with(&[
             r#"{"seq":1,"event":"accepted","spool":"7:64"}"#,
             r#"{"seq":2,"event":"spool_reconciled","recovered":0}"#,
@@ -213,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_without_spool_locations_checks_every_record() {
+    fn check_without_locations_lists_all() {
         let (_dir, files) = stream_with(&[r#"{"seq":1,"event":"started","pid":7}"#]);
         assert_eq!(appends_to_check(&files).unwrap(), ListAppends::All);
         assert_eq!(appends_to_check(&Vec::new()).unwrap(), ListAppends::All);

@@ -398,11 +398,8 @@ fn report_lists_outcomes_per_recipient() {
     assert!(super::report::build(&dir, next, next).unwrap().is_empty());
 }
 
-/// The accepted line reaches the file before the caller awaits anything,
-/// so it is there before the spool's commit can complete. Awaiting the
-/// returned future syncs it, and closing writes a checkpoint.
-/// A state directory with auditing on, and the envelope of a message with
-/// one recipient, for the tests that run an executor's stream.
+/// Creates a state directory with auditing on, for the tests that run an
+/// executor's stream.
 fn audited_state() -> (tempfile::TempDir, caduceus_policy::config::Config) {
     let directory = tempfile::tempdir().unwrap();
     let config = caduceus_policy::config::Config {
@@ -437,7 +434,7 @@ fn test_envelope(id: u8) -> caduceus_spool::Envelope {
     }
 }
 
-/// One start of executor 3: installs its stream, opens its spool shard
+/// Runs one start of executor 3: installs its stream, opens its spool shard
 /// with the audit check, runs `work` and, when `close` is set, closes the
 /// stream. Without `close` the staged records are dropped, as a crash
 /// would drop them. Returns what `work` returns.
@@ -491,7 +488,7 @@ fn events_of<'a>(lines: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_j
 }
 
 #[test]
-fn accepted_record_names_the_spool_record_and_is_synced_at_close() {
+fn accepted_record_synced_at_close() {
     let (directory, config) = audited_state();
     run_core(&config, true, async |spool| {
         let envelope = test_envelope(7);
@@ -518,7 +515,7 @@ fn accepted_record_names_the_spool_record_and_is_synced_at_close() {
 /// A crash after the spool's commit and before the audit flush: the next
 /// start rebuilds the `accepted` record from the spool, once.
 #[test]
-fn accepted_record_lost_in_a_crash_is_rebuilt_from_the_spool() {
+fn accepted_record_rebuilt_after_crash() {
     let (directory, config) = audited_state();
     let audit_dir = directory.path().join("log").join("audit");
     // A first start, which leaves a reconciled empty spool behind.

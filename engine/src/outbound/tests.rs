@@ -1658,14 +1658,14 @@ fn pooled_send_to_closed_session_is_stale() {
 }
 
 #[test]
-fn pooled_send_without_pipelining_to_closed_session_is_stale() {
+fn pooled_send_unpipelined_stale() {
     pooled_send_to_closed_session(&[]);
 }
 
-/// A server may answer the pipelined DATA with 354 although it rejected
+/// A server may reply to the pipelined DATA with 354 although it rejected
 /// every RCPT; the client then ends the empty data phase with a lone dot.
 #[test]
-fn pipelined_data_after_rejected_rcpts_ends_with_a_lone_dot() {
+fn pipelined_data_rejected_sends_lone_dot() {
     let mock = MockMx::start(vec![script(|s| {
         s.greet(&["PIPELINING"]);
         s.expect("MAIL FROM:");

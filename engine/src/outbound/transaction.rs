@@ -272,12 +272,7 @@ impl Connection {
         let mut outcome = TransactionOutcome::default();
         if mail_reply.code / 100 != 2 {
             self.abandon_data(data_reply).await?;
-            // RFC 5321 §4.5.5 and §6.1: a rejected null sender is not
-            // retried with another sender, so the reply decides everyone.
-            let result = RecipientResult::rejected(mail_reply);
-            for &index in pending {
-                results[index] = Some(result.clone());
-            }
+            reject_all(mail_reply, pending, results);
             return Ok(outcome);
         }
 
@@ -362,12 +357,12 @@ impl Connection {
                 .read_reply(Stage::Rcpt, self.timeouts.command)
                 .await?;
             if reply.code == 421 {
-                let kept = if mail_reply.code / 100 == 2 {
+                let refusals = if mail_reply.code / 100 == 2 {
                     rcpt_replies
                 } else {
                     Vec::new()
                 };
-                return Err(self.closed_during_rcpt(reply, kept));
+                return Err(self.closed_during_rcpt(reply, refusals));
             }
             rcpt_replies.push(reply);
         }
@@ -381,10 +376,7 @@ impl Connection {
         let mut outcome = TransactionOutcome::default();
         if mail_reply.code / 100 != 2 {
             check_closing(&chunk_reply, Stage::DataDone)?;
-            let result = RecipientResult::rejected(mail_reply);
-            for &index in pending {
-                results[index] = Some(result.clone());
-            }
+            reject_all(mail_reply, pending, results);
             return Ok(outcome);
         }
         let accepted = sort_rcpt_replies(pending, rcpt_replies, &mut outcome, results);
@@ -459,8 +451,8 @@ impl Connection {
                         .read_reply(Stage::Rcpt, self.timeouts.command)
                         .await?;
                     if reply.code == 421 {
-                        let kept = if mail_accepted { replies } else { Vec::new() };
-                        return Err(self.closed_during_rcpt(reply, kept));
+                        let refusals = if mail_accepted { replies } else { Vec::new() };
+                        return Err(self.closed_during_rcpt(reply, refusals));
                     }
                     replies.push(reply);
                 }
@@ -702,6 +694,16 @@ struct TransactionOutcome {
     limit_reply: Option<Reply>,
     /// True when DATA, or the last BDAT chunk, ran to its final reply.
     data_completed: bool,
+}
+
+/// Gives a rejected MAIL's reply to every recipient of `pending`. RFC 5321
+/// §4.5.5 and §6.1: a rejected null sender is not retried with another
+/// sender, so the reply decides everyone.
+fn reject_all(mail_reply: Reply, pending: &[usize], results: &mut [Option<RecipientResult>]) {
+    let result = RecipientResult::rejected(mail_reply);
+    for &index in pending {
+        results[index] = Some(result.clone());
+    }
 }
 
 /// Gives the reply after the content (final dot or last chunk) to every

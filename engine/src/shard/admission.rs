@@ -123,13 +123,13 @@ impl Admission for ShardAdmission {
             .spool
             .append_message(&envelope, &submission.body)
             .map_err(|error| append_error_reply(shard.index, &error))?;
-        // Staged now, so that audit records follow the spool's append order;
-        // the spool record makes it recoverable, so the 250 waits for the
+        // Staged now, so that audit records follow the spool's append order.
+        // The spool record makes it recoverable, so the 250 waits for the
         // spool's commit only.
         if let Err(error) = crate::audit::accepted(&envelope, record, submission.body.len()) {
-            // The message is in the spool and will be delivered, and the
-            // next start rebuilds its record from the spool; the client gets
-            // 451 because the audit stream is failing now.
+            // The message stays in the spool, and the next start rebuilds its
+            // record and delivers it. The client gets 451 because the audit
+            // stream is failing now.
             tracing::error!(core = shard.index, message_id = %envelope.message_id, %error, "ingress: audit record not written; the client gets 451 and its retry may duplicate the message");
             return Err(Reply::new(
                 451,

@@ -206,7 +206,7 @@ pub fn inject(
     }
 }
 
-/// The daily files of one audit stream (`log/audit/<stream>-YYYYMMDD.jsonl`),
+/// Lists the daily files of one audit stream (`log/audit/<stream>-YYYYMMDD.jsonl`),
 /// oldest first.
 pub fn audit_stream_files(state_dir: &Path, stream: &str) -> Vec<PathBuf> {
     let dir = state_dir.join("log").join("audit");
@@ -225,7 +225,7 @@ pub fn audit_stream_files(state_dir: &Path, stream: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Every record of one audit stream, parsed, in order.
+/// Reads every record of one audit stream, parsed, in order.
 pub fn audit_records(state_dir: &Path, stream: &str) -> Vec<serde_json::Value> {
     audit_stream_files(state_dir, stream)
         .iter()
