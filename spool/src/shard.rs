@@ -132,6 +132,8 @@ pub(crate) struct Inner<S: Storage> {
     segments: RefCell<BTreeMap<u32, SegmentEntry<S::Segment>>>,
     active: Cell<Option<u32>>,
     standby: RefCell<Option<(u32, Rc<S::Segment>)>>,
+    /// Set while the committer creates the standby segment off the executor.
+    standby_pending: Cell<bool>,
     next_segment: Cell<u32>,
     live: RefCell<HashMap<RecordRef, LiveMessage>>,
     commit: RefCell<CommitState>,
@@ -221,6 +223,7 @@ impl<S: Storage + 'static> Shard<S> {
             segments: RefCell::new(recovered.segments),
             active: Cell::new(None),
             standby: RefCell::new(None),
+            standby_pending: Cell::new(false),
             next_segment: Cell::new(recovered.next_segment),
             live: RefCell::new(recovered.live),
             commit: RefCell::new(CommitState::default()),
@@ -713,6 +716,22 @@ fn create_segment<S: Storage>(
     inner: &Inner<S>,
     space: SpaceUse,
 ) -> Result<(u32, Rc<S::Segment>), AppendError> {
+    let header = next_segment_header(inner, space)?;
+    let id = header.segment;
+    let segment = inner
+        .storage
+        .create(id, inner.segment_size_bytes, &header.encode())
+        .map_err(|source| segment_creation_failed(inner, id, source))?;
+    inner.next_segment.set(id + 1);
+    Ok((id, Rc::new(segment)))
+}
+
+/// Checks the disk reserve for `space` and returns the header of the next
+/// segment. The caller advances `next_segment` once it uses the id.
+fn next_segment_header<S: Storage>(
+    inner: &Inner<S>,
+    space: SpaceUse,
+) -> Result<SegmentHeader, AppendError> {
     let free_bytes = inner
         .storage
         .free_bytes()
@@ -733,34 +752,37 @@ fn create_segment<S: Storage>(
         });
     }
     let id = inner.next_segment.get();
-    let next = id.checked_add(1).ok_or_else(|| AppendError::Io {
-        operation: "choosing a segment id",
-        source: std::io::Error::other(
-            "segment ids are exhausted; move the spool aside and restart",
-        ),
-    })?;
-    let header = SegmentHeader {
+    if id == u32::MAX {
+        return Err(AppendError::Io {
+            operation: "choosing a segment id",
+            source: std::io::Error::other(
+                "segment ids are exhausted; move the spool aside and restart",
+            ),
+        });
+    }
+    Ok(SegmentHeader {
         shard: inner.shard,
         segment: id,
         size_bytes: inner.segment_size_bytes,
         created_at_us: now_us(),
-    };
-    let segment = inner
-        .storage
-        .create(id, inner.segment_size_bytes, &header.encode())
-        .map_err(|source| {
-            tracing::error!(
-                shard = inner.shard,
-                segment = id,
-                path = %inner.storage.describe(id),
-                error = %source,
-                "spool: creating a segment failed; check free space and that the file system supports fallocate"
-            );
-            AppendError::Io {
-                operation: "creating a segment",
-                source,
-            }
-        })?;
-    inner.next_segment.set(next);
-    Ok((id, Rc::new(segment)))
+    })
+}
+
+/// Logs a failed segment creation and returns it as an append error.
+fn segment_creation_failed<S: Storage>(
+    inner: &Inner<S>,
+    segment: u32,
+    source: std::io::Error,
+) -> AppendError {
+    tracing::error!(
+        shard = inner.shard,
+        segment,
+        path = %inner.storage.describe(segment),
+        error = %source,
+        "spool: creating a segment failed; check free space and that the file system supports fallocate"
+    );
+    AppendError::Io {
+        operation: "creating a segment",
+        source,
+    }
 }

@@ -27,6 +27,7 @@ struct DiskState {
     free_bytes: u64,
     syncs: u64,
     syncs_started: u64,
+    create_ahead_delay: Option<std::time::Duration>,
 }
 
 /// The simulated disk shared by a [`SimStorage`] and the test that drives it.
@@ -86,8 +87,15 @@ impl SimDisk {
                 free_bytes: state.free_bytes,
                 syncs: 0,
                 syncs_started: 0,
+                create_ahead_delay: state.create_ahead_delay,
             })),
         }
+    }
+
+    /// Makes [`Storage::create_ahead`] wait `delay` on the glommio timer
+    /// before it creates the segment, as a slow file system would.
+    pub fn set_create_ahead_delay(&self, delay: std::time::Duration) {
+        self.state.borrow_mut().create_ahead_delay = Some(delay);
     }
 
     /// Makes the next `count` syncs fail with EIO, writing nothing back.
@@ -184,6 +192,19 @@ impl Storage for SimStorage {
             segment,
             length_bytes: size_bytes,
         })
+    }
+
+    async fn create_ahead(
+        &self,
+        segment: u32,
+        size_bytes: u64,
+        header: Vec<u8>,
+    ) -> io::Result<SimSegment> {
+        let delay = self.disk.state.borrow().create_ahead_delay;
+        if let Some(delay) = delay {
+            glommio::timer::sleep(delay).await;
+        }
+        self.create(segment, size_bytes, &header)
     }
 
     fn open(&self, segment: u32) -> io::Result<SimSegment> {

@@ -2,12 +2,20 @@
 //! fault-injecting [`crate::sim`] storage in tests. The record, commit and
 //! recovery code is generic over [`Storage`], so tests run the real code.
 //!
-//! Durability on Linux: appends copy bytes into a shared read-write mapping,
-//! and the committer calls fdatasync through a glommio handle on the same
-//! file. Linux writes back the pages dirtied through the mapping on that
-//! fdatasync, because the mapping and the file share the page cache. POSIX
-//! does not promise this (it specifies `msync` for mappings), so this spool is
-//! Linux-only.
+//! Durability on Linux: appends write with `pwrite`, readers read through a
+//! shared mapping of the same file, and the committer calls fdatasync through
+//! a glommio handle. The mapping and the file share the page cache, so a
+//! reader sees every written byte. If `pwrite` fails, the append copies into
+//! the mapping instead; Linux writes back pages dirtied through a mapping on
+//! fdatasync too, though POSIX only promises that for `msync`, so this spool
+//! is Linux-only.
+//!
+//! Segments that the committer prepares ahead of time are written with zeros
+//! once, off the executor thread. ext4 and XFS allocate blocks with
+//! fallocate as unwritten extents, and the first write to each one turns it
+//! into a written extent at writeback. That change is metadata, so an
+//! fdatasync after it must also commit the file system journal. Appends into
+//! blocks that were written once skip that journal commit.
 
 use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
@@ -31,6 +39,17 @@ pub trait Storage {
     /// `header` at offset 0, with its space allocated and its header, size
     /// and directory entry durable.
     fn create(&self, segment: u32, size_bytes: u64, header: &[u8]) -> io::Result<Self::Segment>;
+    /// Creates a segment like [`Storage::create`], for use ahead of need. An
+    /// implementation may do the slow work off the executor thread and may
+    /// write every block once, which makes the later syncs of appends faster.
+    fn create_ahead(
+        &self,
+        segment: u32,
+        size_bytes: u64,
+        header: Vec<u8>,
+    ) -> impl Future<Output = io::Result<Self::Segment>> {
+        std::future::ready(self.create(segment, size_bytes, &header))
+    }
     /// Opens an existing segment for reading and appending.
     fn open(&self, segment: u32) -> io::Result<Self::Segment>;
     /// Deletes a segment that no live record needs.
@@ -54,7 +73,7 @@ pub trait Segment {
     /// # Panics
     /// If the range is outside the segment; callers bound-check first.
     fn read<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R;
-    /// Copies `bytes` to `offset` without a syscall.
+    /// Writes `bytes` at `offset`, into the page cache only.
     ///
     /// # Panics
     /// If the range is outside the segment; callers bound-check first.
@@ -97,10 +116,6 @@ impl FileStorage {
         self.dir.join(segment_file_name(self.shard, segment))
     }
 
-    fn sync_dir(&self) -> io::Result<()> {
-        File::open(&self.dir)?.sync_all()
-    }
-
     /// Opens a segment for reading only, for offline inspection. Writing to
     /// the returned segment panics.
     pub fn open_read_only(&self, segment: u32) -> io::Result<FileSegment> {
@@ -138,34 +153,26 @@ impl Storage for FileStorage {
 
     fn create(&self, segment: u32, size_bytes: u64, header: &[u8]) -> io::Result<FileSegment> {
         let path = self.path(segment);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        let length = libc::off_t::try_from(size_bytes).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, "segment size exceeds off_t")
-        })?;
-        // fallocate, not a sparse `set_len`: a full disk must fail here, not
-        // as SIGBUS when a later append touches an unbacked page.
-        // SAFETY: `file` owns a valid open descriptor for the whole call.
-        let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, length) };
-        if result != 0 {
-            let error = io::Error::last_os_error();
-            let _ = fs::remove_file(&path);
-            return Err(error);
-        }
-        // The header is synced here, before any record, so recovery never
-        // finds a segment whose records are durable but whose header is not.
-        file.write_all_at(header, 0)?;
         // NOTE: these syncs are blocking syscalls on the executor thread. They
-        // run once per segment, usually ahead of time when the committer
-        // prepares a standby segment.
-        // The new file's size and directory entry must be durable before any
-        // record in it is acknowledged. fdatasync of the file alone does not
-        // persist the directory entry, so the directory is synced too.
-        file.sync_all()?;
-        self.sync_dir()?;
+        // run here only when no segment was prepared ahead of time, usually
+        // once at start.
+        let file = create_segment_file(&path, size_bytes, header, FillWithZeros::No)?;
+        FileSegment::map(path, file)
+    }
+
+    async fn create_ahead(
+        &self,
+        segment: u32,
+        size_bytes: u64,
+        header: Vec<u8>,
+    ) -> io::Result<FileSegment> {
+        let path = self.path(segment);
+        let file_path = path.clone();
+        let file = glommio::executor()
+            .spawn_blocking(move || {
+                create_segment_file(&file_path, size_bytes, &header, FillWithZeros::Yes)
+            })
+            .await?;
         FileSegment::map(path, file)
     }
 
@@ -198,6 +205,72 @@ impl Storage for FileStorage {
     fn describe(&self, segment: u32) -> String {
         self.path(segment).display().to_string()
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FillWithZeros {
+    Yes,
+    No,
+}
+
+/// Creates a segment file of `size_bytes` with `header` at offset 0, and
+/// makes its contents, size and directory entry durable. With
+/// [`FillWithZeros::Yes`] it writes every block once, so that appends later
+/// overwrite written blocks.
+fn create_segment_file(
+    path: &Path,
+    size_bytes: u64,
+    header: &[u8],
+    fill: FillWithZeros,
+) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let result = write_segment_file(&file, size_bytes, header, fill).and_then(|()| {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        File::open(dir)?.sync_all()
+    });
+    if let Err(error) = result {
+        let _ = fs::remove_file(path);
+        return Err(error);
+    }
+    Ok(file)
+}
+
+fn write_segment_file(
+    file: &File,
+    size_bytes: u64,
+    header: &[u8],
+    fill: FillWithZeros,
+) -> io::Result<()> {
+    let length = libc::off_t::try_from(size_bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment size exceeds off_t"))?;
+    // fallocate, not a sparse `set_len`: a full disk must fail here, not
+    // as SIGBUS when a later append touches an unbacked page.
+    // SAFETY: `file` owns a valid open descriptor for the whole call.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, length) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The header is synced here, before any record, so recovery never
+    // finds a segment whose records are durable but whose header is not.
+    file.write_all_at(header, 0)?;
+    if fill == FillWithZeros::Yes {
+        const CHUNK_BYTES: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK_BYTES as usize];
+        let mut offset = header.len() as u64;
+        while offset < size_bytes {
+            let chunk = (size_bytes - offset).min(CHUNK_BYTES);
+            file.write_all_at(&zeros[..chunk as usize], offset)?;
+            offset += chunk;
+        }
+    }
+    // The new file's size and directory entry must be durable before any
+    // record in it is acknowledged. fdatasync of the file alone does not
+    // persist the directory entry, so the caller syncs the directory too.
+    file.sync_all()
 }
 
 /// A segment file mapped read-write and shared.
@@ -283,6 +356,17 @@ impl Segment for FileSegment {
             self.path.display()
         );
         self.check_range(offset, bytes.len() as u64);
+        // pwrite instead of a copy into the mapping: the copy would take a
+        // page fault on the first write to each page after writeback.
+        let Err(error) = self.file.write_all_at(bytes, offset) else {
+            return;
+        };
+        tracing::warn!(
+            path = %self.path.display(),
+            offset,
+            %error,
+            "spool: pwrite to a segment failed; copying into the mapping instead"
+        );
         // SAFETY: the destination lies inside the writable mapping (checked
         // above), `bytes` cannot overlap it because it is a Rust slice we do
         // not hand out mutably, and by the `Segment` contract no reader has

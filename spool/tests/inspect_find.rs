@@ -106,7 +106,8 @@ fn find_follows_relocated_copy() {
     let (message_id, new_location) = run(async {
         let (shard, _, _) = Shard::open(options).await.unwrap();
         // Two 100 KB messages fill most of the 256 KiB segment 1, so the
-        // third rolls over to segment 2 and segment 1 can be compacted.
+        // third rolls over to a new segment and segment 1 can be compacted.
+        // That is segment 2, or 3 when the prepared segment 2 was not ready.
         let mut records = Vec::new();
         let mut ids = Vec::new();
         for tag in 0..3 {
@@ -119,7 +120,7 @@ fn find_follows_relocated_copy() {
             ids.push(envelope.message_id);
         }
         assert_eq!(records[1].segment, 1);
-        assert_eq!(records[2].segment, 2);
+        assert!(records[2].segment > 1);
         let seq = shard
             .append_outcome(records[1], 0, Outcome::Deferred { next_attempt_us: 7 }, 1)
             .unwrap();

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
-use super::{Inner, SpaceUse, create_segment, remove_if_unused};
+use super::{Inner, SpaceUse, next_segment_header, remove_if_unused, segment_creation_failed};
 use crate::CommitSeq;
 use crate::error::CommitError;
 use crate::storage::{Segment, Storage};
@@ -325,10 +325,10 @@ fn refresh_free_bytes<S: Storage>(inner: &Inner<S>) {
     }
 }
 
-/// Creates the next segment ahead of time, so a roll-over in the append path
-/// does not wait for file creation and fallocate.
-fn prepare_standby<S: Storage>(inner: &Inner<S>) {
-    if inner.standby.borrow().is_some() {
+/// Starts creating the next segment ahead of time, so a roll-over in the
+/// append path does not wait for file creation, fallocate and syncs.
+fn prepare_standby<S: Storage + 'static>(inner: &Rc<Inner<S>>) {
+    if inner.standby.borrow().is_some() || inner.standby_pending.get() {
         return;
     }
     // Prepare only once the active segment is more than half full, so an idle
@@ -343,10 +343,43 @@ fn prepare_standby<S: Storage>(inner: &Inner<S>) {
     if !active_half_full {
         return;
     }
-    match create_segment(inner, SpaceUse::NewMessage) {
-        Ok(standby) => *inner.standby.borrow_mut() = Some(standby),
+    let header = match next_segment_header(inner, SpaceUse::NewMessage) {
+        Ok(header) => header,
         Err(error) => {
-            tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after the next sync")
+            tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after the next sync");
+            return;
         }
-    }
+    };
+    // The id is taken now, so a roll-over that cannot wait for this segment
+    // creates a later one, and segment ids keep the order of their records.
+    let id = header.segment;
+    inner.next_segment.set(id + 1);
+    inner.standby_pending.set(true);
+    let inner = inner.clone();
+    glommio::spawn_local(async move {
+        let created = inner
+            .storage
+            .create_ahead(id, inner.segment_size_bytes, header.encode().to_vec())
+            .await;
+        inner.standby_pending.set(false);
+        let segment = match created {
+            Ok(segment) => segment,
+            Err(source) => {
+                segment_creation_failed(&inner, id, source);
+                return;
+            }
+        };
+        // A roll-over while this segment was being created made a later
+        // segment active, so records in this one would sort before older
+        // records. It holds only its header and can go.
+        if inner.next_segment.get() != id + 1 {
+            drop(segment);
+            if let Err(error) = inner.storage.remove(id) {
+                tracing::warn!(shard = inner.shard, segment = id, %error, "spool: removing an unused prepared segment failed");
+            }
+            return;
+        }
+        *inner.standby.borrow_mut() = Some((id, Rc::new(segment)));
+    })
+    .detach();
 }
