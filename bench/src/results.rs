@@ -38,6 +38,30 @@ pub struct DomainRate {
     pub mean_per_sec: f64,
 }
 
+/// The queue at the end of injection in `backlog`, while every destination
+/// was on hold.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Backlog {
+    /// Messages accepted and waiting in the queue.
+    pub queued: u64,
+    /// The engine's resident set before injection (VmRSS), in KiB.
+    pub rss_before_kib: Option<u64>,
+    /// The engine's resident set at the end of injection (VmRSS), in KiB.
+    pub rss_kib: Option<u64>,
+    /// The anonymous part of `rss_kib` (RssAnon), in KiB. The rest is
+    /// mapped spool pages, which the kernel can drop and read again.
+    pub anon_kib: Option<u64>,
+}
+
+impl Backlog {
+    /// Returns the growth of the resident set during injection, in MiB per
+    /// 100,000 queued messages.
+    pub fn growth_mib_per_100k(&self) -> Option<f64> {
+        let growth_kib = self.rss_kib?.saturating_sub(self.rss_before_kib?);
+        (self.queued > 0).then(|| growth_kib as f64 / 1024.0 * 100_000.0 / self.queued as f64)
+    }
+}
+
 /// Everything measured in one run against one target.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunResult {
@@ -80,6 +104,8 @@ pub struct RunResult {
     pub tls: TlsSummary,
     /// The engine's peak resident set (VmHWM), in KiB; `None` for Postfix.
     pub peak_rss_kib: Option<u64>,
+    /// The queue at the end of injection; only in `backlog`.
+    pub backlog: Option<Backlog>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -112,6 +138,7 @@ pub struct Evaluation<'a> {
     /// Domain that notifications go to (the sender's).
     pub sender_domain: &'a str,
     pub peak_rss_kib: Option<u64>,
+    pub backlog: Option<Backlog>,
 }
 
 /// Returns how many sent messages are accounted for (arrived or bounced),
@@ -252,6 +279,7 @@ pub fn evaluate(input: &Evaluation<'_>) -> RunResult {
             ..TlsSummary::from(input.tls)
         },
         peak_rss_kib: input.peak_rss_kib,
+        backlog: input.backlog,
     }
 }
 
@@ -416,6 +444,43 @@ pub fn print_table(runs: &[RunResult]) {
         }),
         true,
     ));
+    if runs.iter().any(|run| run.backlog.is_some()) {
+        rows.push((
+            "queued at release".into(),
+            column(runs, |run| {
+                run.backlog
+                    .map_or(f64::NAN, |backlog| backlog.queued as f64)
+            }),
+            false,
+        ));
+        rows.push((
+            "RSS MiB at release".into(),
+            column(runs, |run| {
+                run.backlog
+                    .and_then(|backlog| backlog.rss_kib)
+                    .map_or(f64::NAN, |kib| kib as f64 / 1024.0)
+            }),
+            false,
+        ));
+        rows.push((
+            "anonymous MiB at release".into(),
+            column(runs, |run| {
+                run.backlog
+                    .and_then(|backlog| backlog.anon_kib)
+                    .map_or(f64::NAN, |kib| kib as f64 / 1024.0)
+            }),
+            false,
+        ));
+        rows.push((
+            "RSS growth MiB per 100k".into(),
+            column(runs, |run| {
+                run.backlog
+                    .and_then(|backlog| backlog.growth_mib_per_100k())
+                    .unwrap_or(f64::NAN)
+            }),
+            false,
+        ));
+    }
     for (name, values, ratio) in rows {
         print!("{name:<28}");
         for value in &values {

@@ -13,7 +13,7 @@ use caduceus_engine::sink::{DomainScript, Recording, Script, ScriptedReceiver, S
 use caduceus_tests::{Engine, Lane, Postfix, PostfixOptions, free_port};
 
 use crate::generator::{Domains, SizeMix, Stream, StreamOutcome, Target, run_stream};
-use crate::results::{Evaluation, RunResult, accounted, evaluate};
+use crate::results::{Backlog, Evaluation, RunResult, accounted, evaluate};
 
 /// The sender domain of every generated message; notifications (DSNs) go
 /// back to it, and it is routed to the sink like the recipients.
@@ -49,6 +49,10 @@ pub enum Scenario {
     /// The sink fails, closes and drops as scripted; a short retry
     /// schedule.
     Faults,
+    /// Bulk lane with every destination on hold while injection runs, so
+    /// the whole run waits in the queue. Reports the engine's resident set
+    /// then, and delivers everything after the release.
+    Backlog,
 }
 
 impl Scenario {
@@ -59,6 +63,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Tls => "tls",
             Scenario::Faults => "faults",
+            Scenario::Backlog => "backlog",
         }
     }
 
@@ -397,9 +402,18 @@ fn state_dir() -> Result<tempfile::TempDir, String> {
 
 /// Returns the peak resident set size of process `pid` in KiB (`VmHWM`).
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Returns the resident set of process `pid` now (VmRSS), in KiB.
+pub fn current_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|line| {
-        let value = line.strip_prefix("VmHWM:")?;
+        let value = line.strip_prefix(field)?;
         value.trim().trim_end_matches("kB").trim().parse().ok()
     })
 }
@@ -534,8 +548,28 @@ pub fn run_caduceus(
         transactional: Target::Lane(engine.socket(Lane::Transactional).to_path_buf()),
         bulk: Target::Lane(engine.socket(Lane::Bulk).to_path_buf()),
     };
+    let control_socket = engine.state_dir().join("run/control.sock");
+    let rss_before_kib = engine.pid().and_then(current_rss_kib);
+    if scenario == Scenario::Backlog {
+        set_hold(&control_socket, &domains, true)?;
+    }
     let streams = streams(scenario, options, &targets, &run_tag());
     let outcomes = run_streams(&streams, options.duration);
+    let backlog = if scenario == Scenario::Backlog {
+        let backlog = Backlog {
+            queued: outcomes
+                .iter()
+                .map(|outcome| outcome.sent.len() as u64)
+                .sum(),
+            rss_before_kib,
+            rss_kib: engine.pid().and_then(current_rss_kib),
+            anon_kib: engine.pid().and_then(|pid| status_kib(pid, "RssAnon:")),
+        };
+        set_hold(&control_socket, &domains, false)?;
+        Some(backlog)
+    } else {
+        None
+    };
     let summary = wait_for_deliveries(&sink, &outcomes, options.wait);
     let peak_rss = engine.pid().and_then(peak_rss_kib);
     let tls = sink.tls_counts();
@@ -551,7 +585,22 @@ pub fn run_caduceus(
         tls,
         sender_domain: SENDER_DOMAIN,
         peak_rss_kib: peak_rss,
+        backlog,
     }))
+}
+
+/// Puts every destination of the run on hold, or releases them, over the
+/// engine's control socket.
+fn set_hold(control_socket: &Path, domains: &[String], hold: bool) -> Result<(), String> {
+    let command = if hold { "queue.hold" } else { "queue.release" };
+    for domain in domains {
+        let request = serde_json::json!({"command": command, "destination": domain});
+        let response = caduceus_engine::control::request(control_socket, &request)?;
+        if response.get("ok") != Some(&serde_json::Value::Bool(true)) {
+            return Err(format!("{command} {domain} failed: {response}"));
+        }
+    }
+    Ok(())
 }
 
 /// Returns the Postfix settings for `scenario`: STARTTLS to the sink with a
@@ -607,5 +656,6 @@ pub fn run_postfix(scenario: Scenario, options: &Options) -> Result<RunResult, S
         tls,
         sender_domain: SENDER_DOMAIN,
         peak_rss_kib: None,
+        backlog: None,
     }))
 }

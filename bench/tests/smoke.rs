@@ -120,6 +120,17 @@ fn faults_retry_until_accounted() {
 }
 
 #[test]
+fn backlog_reports_queue_memory() {
+    let run = run_caduceus(Scenario::Backlog, &options(300), true, "caduceus").expect("run");
+    assert_verified(&run);
+    let backlog = run.backlog.expect("backlog figures");
+    assert_eq!(backlog.queued, 300);
+    assert!(backlog.rss_kib.is_some_and(|kib| kib > 0), "{backlog:?}");
+    assert!(backlog.anon_kib.is_some_and(|kib| kib > 0), "{backlog:?}");
+    assert!(backlog.growth_mib_per_100k().is_some(), "{backlog:?}");
+}
+
+#[test]
 fn smtp_source_reaches_both() {
     let binary = caduceus_tests::engine_binary().expect("engine binary");
     let comparison =
