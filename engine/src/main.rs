@@ -674,6 +674,9 @@ fn policy(action: PolicyAction) -> Result<(), String> {
                     "warning: on this machine, {problem}; `caduceus serve` would stop with this error"
                 );
             }
+            if let Some(warning) = config.message_size_warning() {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         PolicyAction::Reload { config } => {

@@ -57,6 +57,9 @@ pub fn start_with_config_file(
     let allocation = allocate(&config, &available_cpus())?;
     let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
     let policy = Arc::new(PolicyCell::new(policy));
+    if let Some(warning) = config.message_size_warning() {
+        tracing::warn!("config: {warning}");
+    }
 
     for dir in [
         config.state_dir.clone(),

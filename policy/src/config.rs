@@ -796,7 +796,38 @@ impl WebhookEvent {
     }
 }
 
+/// Room left in a spool segment beside the message itself, for the segment
+/// header, the record's envelope and framing, and the headers that ingress
+/// prepends. An estimate: an envelope of many long recipients can exceed it,
+/// and such a message still gets `552 5.3.4` after its content.
+pub const SPOOL_ENVELOPE_HEADROOM_BYTES: u64 = 64 * 1024;
+
 impl Config {
+    /// Returns the message size that ingress accepts and advertises with
+    /// SIZE: `max_message_size_bytes`, lowered when one spool segment
+    /// cannot contain a message that large.
+    pub fn effective_max_message_size_bytes(&self) -> u64 {
+        let segment_room = self
+            .spool
+            .segment_size_bytes
+            .saturating_sub(SPOOL_ENVELOPE_HEADROOM_BYTES);
+        self.ingress.max_message_size_bytes.min(segment_room)
+    }
+
+    /// Returns a warning when `spool.segment_size_bytes` lowers the message
+    /// size limit below `ingress.max_message_size_bytes`.
+    pub fn message_size_warning(&self) -> Option<String> {
+        let effective = self.effective_max_message_size_bytes();
+        (effective < self.ingress.max_message_size_bytes).then(|| {
+            format!(
+                "ingress.max_message_size_bytes = {} does not fit in a spool segment of spool.segment_size_bytes = {}, so ingress accepts and advertises SIZE {effective}; raise segment_size_bytes to at least {} or lower max_message_size_bytes",
+                self.ingress.max_message_size_bytes,
+                self.spool.segment_size_bytes,
+                self.ingress.max_message_size_bytes + SPOOL_ENVELOPE_HEADROOM_BYTES
+            )
+        })
+    }
+
     /// Checks what one `[[webhook]]` table cannot check alone: that no two
     /// endpoints share a name, and so a cursor file.
     pub fn check_webhooks(&self) -> Result<(), String> {

@@ -410,3 +410,26 @@ fn wrong_type_names_its_key() {
         &["rule[1].rate", "expected a number"],
     );
 }
+
+#[test]
+fn small_segment_lowers_message_size() {
+    let config = parse_config(
+        "[ingress]\nmax_message_size_bytes = 52428800\n\n[spool]\nsegment_size_bytes = 1048576\n",
+        "caduceus.toml",
+    )
+    .unwrap();
+    assert_eq!(config.effective_max_message_size_bytes(), 1048576 - 65536);
+    let warning = config.message_size_warning().expect("a warning");
+    assert!(warning.contains("SIZE 983040"), "{warning}");
+    assert!(warning.contains("at least 52494336"), "{warning}");
+}
+
+#[test]
+fn default_segment_keeps_message_size() {
+    let config = parse_config("", "caduceus.toml").unwrap();
+    assert_eq!(
+        config.effective_max_message_size_bytes(),
+        config.ingress.max_message_size_bytes
+    );
+    assert_eq!(config.message_size_warning(), None);
+}

@@ -229,6 +229,17 @@ fn policy_explain_fails_on_invalid_address() {
 }
 
 #[test]
+fn policy_check_warns_about_small_segments() {
+    let state = state_dir();
+    let config = state.path().join("caduceus.toml");
+    std::fs::write(&config, "[spool]\nsegment_size_bytes = 1048576\n").expect("write config");
+    let (success, _, stderr) = run(&["policy", "check", config.to_str().expect("utf-8 path")]);
+    assert!(success, "a valid file passes: {stderr}");
+    assert!(stderr.contains("SIZE 983040"), "{stderr}");
+    assert!(stderr.contains("raise segment_size_bytes"), "{stderr}");
+}
+
+#[test]
 fn policy_check_warns_about_this_machine() {
     let state = state_dir();
     let config = state.path().join("caduceus.toml");

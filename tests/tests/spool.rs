@@ -208,6 +208,38 @@ fn is_slow(sequence: u32) -> bool {
 /// peak is the whole backlog in every run instead of depending on how
 /// delivery keeps pace with injection. Its messages carry a 3 KB body so
 /// that the backlog spans dozens of segments; the deferred ones are small.
+/// A segment too small for `max_message_size_bytes` lowers the SIZE that
+/// EHLO advertises, and a larger MAIL SIZE= is rejected before the content.
+#[test]
+fn small_segment_lowers_advertised_size() {
+    let state = state_dir();
+    let engine = Engine::start(&config_with(1024 * 1024, ""), &state.path().join("engine"))
+        .expect("engine start");
+    let stream = UnixStream::connect(engine.socket(Lane::Bulk)).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    assert_eq!(read_code(&mut reader), Some(220));
+
+    writer.write_all(b"EHLO client.example\r\n").expect("EHLO");
+    let mut ehlo = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("read EHLO") > 0);
+        ehlo.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            break;
+        }
+    }
+    assert!(ehlo.contains("SIZE 983040\r\n"), "{ehlo}");
+
+    writer
+        .write_all(b"MAIL FROM:<a@example.com> SIZE=983041\r\n")
+        .expect("MAIL");
+    let mut reply = String::new();
+    reader.read_line(&mut reply).expect("MAIL reply");
+    assert!(reply.starts_with("552 5.3.4"), "{reply}");
+}
+
 #[test]
 fn compaction_reclaims_space_of_deferred_mail() {
     let fast = ScriptedReceiver::start(

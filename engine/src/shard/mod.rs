@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use caduceus_policy::config::Config;
+use caduceus_policy::config::{Config, IngressConfig};
 use caduceus_policy::lists::Change;
 use caduceus_policy::{Lane, Lists, Policy, SiteKey};
 use caduceus_spool::{
@@ -284,7 +284,10 @@ async fn serve(started: Started) -> Result<(), String> {
             shard: shard.clone(),
         });
         let lane_config = Rc::new(config.lanes.get(lane).clone());
-        let ingress_config = Rc::new(config.ingress.clone());
+        let ingress_config = Rc::new(IngressConfig {
+            max_message_size_bytes: config.effective_max_message_size_bytes(),
+            ..config.ingress.clone()
+        });
         let hostname = shard.hostname.clone();
         let stop = ingress_stop.clone();
         servers.push(glommio::spawn_local(async move {
