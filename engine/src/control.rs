@@ -23,12 +23,13 @@ use caduceus_policy::lists::{
     Change, ChangeOp, Entry, ImportList, ImportOptions, ListStore, Reason, import_csv,
 };
 use caduceus_policy::{SiteKey, normalise_address};
-use caduceus_spool::MessageId;
+use caduceus_spool::{Keyring, MessageId};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::{Value, json};
 
 use crate::deliverylog::now_us;
 use crate::policy_swap::PolicyCell;
+use crate::runtime::SpoolKeySource;
 
 /// A command for one executor.
 #[derive(Clone, Debug)]
@@ -44,6 +45,9 @@ pub enum ControlCommand {
         message_id: MessageId,
         content: bool,
     },
+    /// `keys.rotate`: replaces the spool keyring of the executor's shard
+    /// and of its reader of other shards.
+    InstallKeyring(Arc<Keyring>),
 }
 
 /// The maximum length of a request line on the control socket. Commands
@@ -84,6 +88,8 @@ pub struct ControlPlane {
     /// The config file to recompile on `policy.reload`; `None` when the
     /// engine runs on built-in defaults.
     pub config_path: Option<PathBuf>,
+    /// The source of the spool's keys, which `keys.rotate` reads and writes.
+    pub spool_key: SpoolKeySource,
 }
 
 /// Recompiles the policy from the config file and swaps it in. A policy
@@ -248,6 +254,10 @@ impl ControlPlane {
             self.audit(uid, command, None, None);
             return self.show_message(request, uid);
         }
+        if command == "keys.rotate" {
+            self.audit(uid, command, None, None);
+            return self.rotate_spool_key(uid);
+        }
         self.audit(uid, command, destination.as_deref(), None);
         let needs_destination = |build: fn(String) -> ControlCommand| match &destination {
             Some(domain) if !domain.is_empty() => Ok(build(domain.clone())),
@@ -263,7 +273,7 @@ impl ControlPlane {
             "queue.requeue" => needs_destination(ControlCommand::Requeue),
             "ping" => return json!({"ok": true}),
             other => {
-                return json!({"ok": false, "error": format!("unknown command {other:?}; expected queue.list, queue.hold, queue.release, queue.delete, queue.requeue, suppress.add, suppress.remove, suppress.check, suppress.import, consent.add, consent.remove, consent.check, consent.import, policy.reload, spool.show or ping")});
+                return json!({"ok": false, "error": format!("unknown command {other:?}; expected queue.list, queue.hold, queue.release, queue.delete, queue.requeue, suppress.add, suppress.remove, suppress.check, suppress.import, consent.add, consent.remove, consent.check, consent.import, policy.reload, spool.show, keys.rotate or ping")});
             }
         };
         let executor_command = match executor_command {
@@ -487,6 +497,79 @@ impl ControlPlane {
                 file.sync_data()
             })
             .map_err(|error| format!("{}: {error}", self.audit_file.display()))
+    }
+
+    /// Adds a new random spool key and makes it the one that seals new
+    /// records, keeping every older key for the records it sealed.
+    ///
+    /// Every executor first gets the new key inactive, so that any core can
+    /// read records sealed with it. The key file is then replaced durably,
+    /// and only then is the key activated, so a record sealed with it is
+    /// never durable while the key is not.
+    fn rotate_spool_key(&self, uid: u32) -> Value {
+        let path = match &self.spool_key {
+            SpoolKeySource::File(path) => path,
+            SpoolKeySource::Off => {
+                return json!({"ok": false, "error": "spool encryption is off (spool.encryption = false), so there is no key to rotate"});
+            }
+            SpoolKeySource::Environment(_) => {
+                return json!({"ok": false, "error": format!("the spool key comes from {}, which holds one key; move it into a key file (spool.key_file) to rotate", crate::runtime::SPOOL_KEY_ENV)});
+            }
+        };
+        let failed = |step: &str, error: String| {
+            tracing::error!(path = %path.display(), %error, "keys: rotation failed while {step}; the previous key stays active");
+            json!({"ok": false, "error": format!("rotation failed while {step}, and the previous key stays active: {error}")})
+        };
+        let mut keyring = match std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))
+            .and_then(|text| Keyring::parse(path, &text).map_err(|error| error.to_string()))
+        {
+            Ok(keyring) => keyring,
+            Err(error) => return failed("reading the key file", error),
+        };
+        let previous = keyring.active_id();
+        let new_id = match keyring.rotate() {
+            Ok(id) => id,
+            Err(error) => return failed("creating a key", error.to_string()),
+        };
+
+        let mut staged = keyring.clone();
+        if let Err(error) = staged.set_active(previous) {
+            return failed("staging the new key", error.to_string());
+        }
+        if let Err(error) = self.install_keyring(staged) {
+            return failed("giving every core the new key", error);
+        }
+        if let Err(error) = keyring.save(path) {
+            return failed("writing the key file", error.to_string());
+        }
+        if let Err(error) = self.install_keyring(keyring) {
+            tracing::error!(key_id = new_id, %error, "keys: the key file names the new key, but not every core uses it yet; they do after a restart");
+            return json!({"ok": false, "error": format!("key {new_id} is saved as the active key in {}, but not every core switched to it: {error}; restart the engine to finish", path.display())});
+        }
+        tracing::info!(
+            key_id = new_id,
+            previous_key_id = previous,
+            operator_uid = uid,
+            "keys: spool key rotated"
+        );
+        json!({"ok": true, "key_id": new_id, "previous_key_id": previous, "key_file": path.display().to_string()})
+    }
+
+    /// Sends `keyring` to every executor and checks that each installed it.
+    fn install_keyring(&self, keyring: Keyring) -> Result<(), String> {
+        let answers = self.broadcast(ControlCommand::InstallKeyring(Arc::new(keyring)));
+        if answers.len() != self.executors.len() {
+            return Err(format!(
+                "{} of {} executors took the command",
+                answers.len(),
+                self.executors.len()
+            ));
+        }
+        match answers.iter().find_map(|answer| answer.get("error")) {
+            Some(error) => Err(error.as_str().unwrap_or("unknown error").to_string()),
+            None => Ok(()),
+        }
     }
 
     fn broadcast(&self, command: ControlCommand) -> Vec<Value> {

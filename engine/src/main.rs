@@ -78,6 +78,15 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// Manage the spool's encryption keys in a running engine.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+        /// Configuration file (TOML), for the state directory and sockets;
+        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Check the tamper-evident audit trail, or print its anchors.
     Audit {
         #[command(subcommand)]
@@ -111,6 +120,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Add a new random key to the key file and seal new records with it;
+    /// older keys stay to read the records they sealed.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -257,6 +273,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config.as_deref()),
         Command::Demo(args) => demo::run(args),
         Command::Queue { action, config } => queue(action, config.as_deref()),
+        Command::Keys { action, config } => keys(action, config.as_deref()),
         Command::Cores { config } => print_cores(config.as_deref()),
         Command::Policy { action } => policy(action),
         Command::Spool { action, config } => spool(action, config.as_deref()),
@@ -370,6 +387,22 @@ fn serve(config_path: Option<&Path>) -> Result<(), String> {
         }
     }
     engine.wait()
+}
+
+fn keys(action: KeysAction, config_path: Option<&Path>) -> Result<(), String> {
+    let config = read_config(config_path)?;
+    match action {
+        KeysAction::Rotate => {
+            let response = control_request(&config, &json!({"command": "keys.rotate"}))?;
+            println!(
+                "spool key rotated: new records are sealed with key {} (was key {}); keep every key in {}, because older records need them",
+                response["key_id"],
+                response["previous_key_id"],
+                response["key_file"].as_str().unwrap_or("the key file")
+            );
+            Ok(())
+        }
+    }
 }
 
 fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> {

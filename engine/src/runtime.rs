@@ -269,6 +269,7 @@ pub fn start_with_config_file(
         auto_suppress,
         policy: policy.clone(),
         config_path,
+        spool_key: spool_key_source(&config),
     };
     let control_cpus = control_plane_cpus(&allocation);
     let control = std::thread::Builder::new()
@@ -412,23 +413,57 @@ fn restrict_mode(path: &Path, mode: u32) -> Result<(), String> {
 /// Loads the spool keyring the config names, or `None` when encryption is
 /// off. Creates the key file on first use.
 pub fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
+    match spool_key_source(config) {
+        SpoolKeySource::Off => {
+            tracing::warn!(
+                "spool: encryption at rest is off (spool.encryption = false); message content is stored in the clear"
+            );
+            Ok(None)
+        }
+        SpoolKeySource::Environment(hex) => Keyring::from_hex(1, hex.trim())
+            .map(Some)
+            .map_err(|error| format!("{SPOOL_KEY_ENV}: {error}")),
+        SpoolKeySource::File(path) => Keyring::load_or_create(&path)
+            .map(Some)
+            .map_err(|error| error.to_string()),
+    }
+}
+
+/// The source of the spool's keys.
+#[derive(Clone)]
+pub enum SpoolKeySource {
+    /// `spool.encryption = false`.
+    Off,
+    /// One hex key in `CADUCEUS_SPOOL_KEY`.
+    Environment(String),
+    /// The key file: `spool.key_file`, or `<state_dir>/keys/spool.key`.
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for SpoolKeySource {
+    // The environment variable contains a key, so it is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpoolKeySource::Off => f.write_str("Off"),
+            SpoolKeySource::Environment(_) => f.write_str("Environment"),
+            SpoolKeySource::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+/// Returns the source of the spool's keys under `config`.
+pub fn spool_key_source(config: &Config) -> SpoolKeySource {
     if !config.spool.encryption {
-        tracing::warn!(
-            "spool: encryption at rest is off (spool.encryption = false); message content is stored in the clear"
-        );
-        return Ok(None);
+        return SpoolKeySource::Off;
     }
     if let Ok(hex) = std::env::var(SPOOL_KEY_ENV) {
-        return Keyring::from_hex(1, hex.trim())
-            .map(Some)
-            .map_err(|error| format!("{SPOOL_KEY_ENV}: {error}"));
+        return SpoolKeySource::Environment(hex);
     }
-    let path = config
-        .spool
-        .key_file
-        .clone()
-        .unwrap_or_else(|| config.state_dir.join("keys").join("spool.key"));
-    Keyring::load_or_create(&path)
-        .map(Some)
-        .map_err(|error| error.to_string())
+    SpoolKeySource::File(
+        config
+            .spool
+            .key_file
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("keys").join("spool.key")),
+    )
 }

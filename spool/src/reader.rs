@@ -29,7 +29,7 @@ pub const MAX_CACHED_SEGMENTS: usize = 256;
 /// A per-core reader of committed message records in one spool directory.
 pub struct SpoolReader {
     dir: PathBuf,
-    keyring: Option<Arc<Keyring>>,
+    keyring: RefCell<Option<Arc<Keyring>>>,
     segments: RefCell<HashMap<(u16, u32), Rc<FileSegment>>>,
 }
 
@@ -37,9 +37,15 @@ impl SpoolReader {
     pub fn new(dir: &Path, keyring: Option<Arc<Keyring>>) -> SpoolReader {
         SpoolReader {
             dir: dir.to_owned(),
-            keyring,
+            keyring: RefCell::new(keyring),
             segments: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// Replaces the keyring after a key rotation, before any shard seals
+    /// records with the new key.
+    pub fn set_keyring(&self, keyring: Option<Arc<Keyring>>) {
+        *self.keyring.borrow_mut() = keyring;
     }
 
     /// Reads and decrypts the message record at `record` of `shard`. The
@@ -75,14 +81,15 @@ impl SpoolReader {
             if !checked.header.kind.holds_message() {
                 return Err(ReadError::NotMessage { record });
             }
-            let plain = checked
-                .open(self.keyring.as_deref())
-                .map_err(|error| match error {
-                    OpenError::NoKeyring => ReadError::NoKeyring { record },
-                    OpenError::MissingKey(key_id) => ReadError::MissingKey { record, key_id },
-                    OpenError::Unauthentic => ReadError::Unauthentic { record },
-                    OpenError::Invalid(reason) => invalid(reason),
-                })?;
+            let plain =
+                checked
+                    .open(self.keyring.borrow().as_deref())
+                    .map_err(|error| match error {
+                        OpenError::NoKeyring => ReadError::NoKeyring { record },
+                        OpenError::MissingKey(key_id) => ReadError::MissingKey { record, key_id },
+                        OpenError::Unauthentic => ReadError::Unauthentic { record },
+                        OpenError::Invalid(reason) => invalid(reason),
+                    })?;
             let (envelope, body) = decode_message(&checked.header, &plain).map_err(invalid)?;
             Ok(StoredMessage { envelope, body })
         })

@@ -126,7 +126,8 @@ pub(crate) struct Inner<S: Storage> {
     commit_max_wait: Duration,
     commit_max_batch: u32,
     reserve_bytes: u64,
-    keyring: Option<Keyring>,
+    /// Replaced whole by [`Shard::set_keyring`] after a key rotation.
+    keyring: RefCell<Option<Keyring>>,
     nonces: NonceSource,
     builder: RefCell<RecordBuilder>,
     segments: RefCell<BTreeMap<u32, SegmentEntry<S::Segment>>>,
@@ -217,7 +218,7 @@ impl<S: Storage + 'static> Shard<S> {
             commit_max_wait: options.commit_max_wait,
             commit_max_batch: options.commit_max_batch.max(1),
             reserve_bytes: options.reserve_bytes,
-            keyring: options.keyring,
+            keyring: RefCell::new(options.keyring),
             nonces: NonceSource::new(options.shard)?,
             builder: RefCell::new(RecordBuilder::default()),
             segments: RefCell::new(recovered.segments),
@@ -253,7 +254,8 @@ impl<S: Storage + 'static> Shard<S> {
             ));
         }
         let mut builder = inner.builder.borrow_mut();
-        let sealing = self.sealing();
+        let keyring = inner.keyring.borrow();
+        let sealing = self.sealing(&keyring);
         let bytes = builder
             .message(envelope, body, sealing)
             .map_err(|error| match error {
@@ -266,6 +268,7 @@ impl<S: Storage + 'static> Shard<S> {
         let record_bytes = bytes.len() as u64;
         let record = self.write_record(bytes, SpaceUse::NewMessage)?;
         drop(builder);
+        drop(keyring);
 
         let pending = RecipientState::Pending {
             attempts: 0,
@@ -312,10 +315,12 @@ impl<S: Storage + 'static> Shard<S> {
             attempts,
         };
         let mut builder = inner.builder.borrow_mut();
-        let bytes = builder.outcome(&record, self.sealing());
+        let keyring = inner.keyring.borrow();
+        let bytes = builder.outcome(&record, self.sealing(&keyring));
         let record_bytes = bytes.len() as u64;
         let location = self.write_record(bytes, SpaceUse::StateChange)?;
         drop(builder);
+        drop(keyring);
 
         let segment = location.segment;
         let newly_pinned = {
@@ -391,7 +396,7 @@ impl<S: Storage + 'static> Shard<S> {
                 return Err(ReadError::NotMessage { record });
             }
             let plain = checked
-                .open(inner.keyring.as_ref())
+                .open(inner.keyring.borrow().as_ref())
                 .map_err(|error| open_error(record, error))?;
             let (envelope, body) = decode_message(&checked.header, &plain).map_err(invalid)?;
             Ok((checked.header, StoredMessage { envelope, body }))
@@ -498,8 +503,8 @@ impl<S: Storage + 'static> Shard<S> {
         Ok(())
     }
 
-    fn sealing(&self) -> Sealing<'_> {
-        match &self.inner.keyring {
+    fn sealing<'k>(&self, keyring: &'k Option<Keyring>) -> Sealing<'k> {
+        match keyring {
             None => Sealing::Clear,
             Some(keyring) => {
                 let (key_id, key) = keyring.active_key();
@@ -510,6 +515,26 @@ impl<S: Storage + 'static> Shard<S> {
                 }
             }
         }
+    }
+
+    /// Replaces the keyring after a key rotation. New records are sealed
+    /// with its active key. It must contain every key of the current one,
+    /// so that records sealed before stay readable.
+    pub fn set_keyring(&self, keyring: Keyring) -> Result<(), String> {
+        let mut current = self.inner.keyring.borrow_mut();
+        let Some(old) = current.as_ref() else {
+            return Err(
+                "this spool shard is not encrypted, so it has no keyring to replace".into(),
+            );
+        };
+        let new_ids = keyring.key_ids();
+        if let Some(missing) = old.key_ids().into_iter().find(|id| !new_ids.contains(id)) {
+            return Err(format!(
+                "the new keyring lacks key {missing}, which records in the spool may still need"
+            ));
+        }
+        *current = Some(keyring);
+        Ok(())
     }
 
     /// Copies a built record into the active segment, rolling over to a new

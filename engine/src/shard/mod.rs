@@ -531,6 +531,23 @@ fn handle_control(shard: &Rc<Shard>, request: ControlRequest) {
             message_id,
             content,
         } => show_message(shard, *message_id, *content),
+        ControlCommand::InstallKeyring(keyring) => {
+            match shard.spool.set_keyring(Keyring::clone(keyring)) {
+                Ok(()) => {
+                    shard.reader.set_keyring(Some(keyring.clone()));
+                    tracing::info!(
+                        core = shard.index,
+                        active_key_id = keyring.active_id(),
+                        "keys: spool keyring replaced"
+                    );
+                    serde_json::json!({"core": shard.index, "active_key_id": keyring.active_id()})
+                }
+                Err(error) => {
+                    tracing::error!(core = shard.index, %error, "keys: spool keyring not replaced");
+                    serde_json::json!({"core": shard.index, "error": error})
+                }
+            }
+        }
     };
     // The requester may have given up waiting; a closed reply channel is
     // not an error here.

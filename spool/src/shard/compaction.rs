@@ -285,7 +285,8 @@ impl<S: Storage + 'static> Shard<S> {
         };
 
         let mut builder = inner.builder.borrow_mut();
-        let sealing = self.sealing();
+        let keyring = inner.keyring.borrow();
+        let sealing = self.sealing(&keyring);
         let bytes = builder
             .relocated(&stored.envelope, &stored.body, old, &states, sealing)
             .map_err(|error| {
@@ -318,6 +319,7 @@ impl<S: Storage + 'static> Shard<S> {
             Err(error) => return Err(CopyFailure::Stop(error)),
         };
         drop(builder);
+        drop(keyring);
 
         let previous = {
             let mut live = inner.live.borrow_mut();
