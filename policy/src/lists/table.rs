@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Entry, KNOWN_FLAGS, Overlay, Verdict, key_of, verdict_of};
-use crate::file_io::write_atomically;
+use crate::file_io::write_atomically_with;
 use crate::huge_pages::huge_page_buffer;
 use crate::{Category, SiteKey};
 
@@ -389,10 +389,22 @@ impl ListTable {
     ///
     /// A reader that mapped the old file keeps its bytes, because the rename
     /// replaces the directory entry and never changes the old file.
+    ///
+    /// The records are encoded twice, first for the checksum that the
+    /// header carries, so that no copy of the whole file is held in memory.
     pub fn write(&self, path: &Path) -> Result<(), ListFileError> {
-        let mut image = vec![0u8; HEADER_SIZE_BYTES + self.record_count * RECORD_SIZE_BYTES];
-        encode_image(&mut image, self.records(), self.key_check);
-        write_atomically(path, &image).map_err(|error| ListFileError::Io {
+        let mut records_crc = 0;
+        encode_records(self.records(), |chunk| {
+            records_crc = crc32c::crc32c_append(records_crc, chunk);
+            Ok(())
+        })
+        .expect("computing a checksum cannot fail");
+        let header = encode_header(self.record_count as u64, self.key_check, records_crc);
+        let write = |file: &mut dyn std::io::Write| {
+            file.write_all(&header)?;
+            encode_records(self.records(), |chunk| file.write_all(chunk))
+        };
+        write_atomically_with(path, write).map_err(|error| ListFileError::Io {
             operation: error.operation,
             path: error.path,
             source: error.source,
@@ -539,28 +551,45 @@ impl ListBuilder {
     }
 }
 
-/// Writes the header and `records` into `image`, which is exactly
-/// `HEADER_SIZE_BYTES + records.len() * RECORD_SIZE_BYTES` long.
-fn encode_image(image: &mut [u8], records: impl Iterator<Item = u128>, key_check: [u8; 8]) {
-    let mut record_count = 0u64;
-    for (chunk, record) in image[HEADER_SIZE_BYTES..]
-        .chunks_exact_mut(RECORD_SIZE_BYTES)
-        .zip(records)
-    {
-        chunk.copy_from_slice(&record.to_be_bytes());
-        record_count += 1;
+/// Encodes `records` in the file format, in chunks of up to 64 KiB, and
+/// passes each chunk to `consume`.
+fn encode_records(
+    records: impl Iterator<Item = u128>,
+    mut consume: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    const CHUNK_RECORDS: usize = 4096;
+    let mut chunk = Vec::with_capacity(CHUNK_RECORDS * RECORD_SIZE_BYTES);
+    for record in records {
+        chunk.extend_from_slice(&record.to_be_bytes());
+        if chunk.len() == CHUNK_RECORDS * RECORD_SIZE_BYTES {
+            consume(&chunk)?;
+            chunk.clear();
+        }
     }
-    let records_crc = crc32c::crc32c(&image[HEADER_SIZE_BYTES..]);
+    if !chunk.is_empty() {
+        consume(&chunk)?;
+    }
+    Ok(())
+}
 
-    image[MAGIC_OFFSET..MAGIC_OFFSET + 8].copy_from_slice(&MAGIC);
-    image[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    image[RECORD_SIZE_OFFSET..RECORD_SIZE_OFFSET + 4]
+/// Returns the file header for `record_count` records whose encoded bytes
+/// have the CRC-32C `records_crc`.
+fn encode_header(
+    record_count: u64,
+    key_check: [u8; 8],
+    records_crc: u32,
+) -> [u8; HEADER_SIZE_BYTES] {
+    let mut header = [0u8; HEADER_SIZE_BYTES];
+    header[MAGIC_OFFSET..MAGIC_OFFSET + 8].copy_from_slice(&MAGIC);
+    header[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[RECORD_SIZE_OFFSET..RECORD_SIZE_OFFSET + 4]
         .copy_from_slice(&(RECORD_SIZE_BYTES as u32).to_le_bytes());
-    image[COUNT_OFFSET..COUNT_OFFSET + 8].copy_from_slice(&record_count.to_le_bytes());
-    image[KEY_CHECK_OFFSET..KEY_CHECK_OFFSET + 8].copy_from_slice(&key_check);
-    image[RECORDS_CRC_OFFSET..RECORDS_CRC_OFFSET + 4].copy_from_slice(&records_crc.to_le_bytes());
-    let header_crc = crc32c::crc32c(&image[..HEADER_CRC_OFFSET]);
-    image[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
+    header[COUNT_OFFSET..COUNT_OFFSET + 8].copy_from_slice(&record_count.to_le_bytes());
+    header[KEY_CHECK_OFFSET..KEY_CHECK_OFFSET + 8].copy_from_slice(&key_check);
+    header[RECORDS_CRC_OFFSET..RECORDS_CRC_OFFSET + 4].copy_from_slice(&records_crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&header[..HEADER_CRC_OFFSET]);
+    header[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&header_crc.to_le_bytes());
+    header
 }
 
 /// Merges two sorted, key-unique record vectors. A key in both gets the
@@ -721,7 +750,8 @@ mod tests {
                 table.search(**probe).1 / RECORDS_PER_LINE != home
             })
             .count();
-        // A simulation gives about 8 %; 10 % leaves room for this sample.
+        // A simulation gives about 8 %, and 10 % leaves room for this
+        // sample's spread.
         assert!(
             beyond_home_line < 20_000,
             "{beyond_home_line} of 200000 lookups read past the home line"
@@ -762,6 +792,30 @@ mod tests {
                 record as u8 & KNOWN_FLAGS
             );
         }
+    }
+
+    #[test]
+    fn write_streams_every_record() {
+        // 10,000 records make two full chunks of 4,096 and a partial one.
+        let key = SiteKey::from_bytes(&[3; 32]);
+        let mut state = 6;
+        let mut builder = ListBuilder::new();
+        builder.set_flags((0..10_000).map(|_| (random_key(&mut state), 4)));
+        let expected = builder.records.clone();
+        let table = builder.build(&key);
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("lists.bin");
+        table.write(&path).unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), HEADER_SIZE_BYTES + 10_000 * RECORD_SIZE_BYTES);
+        assert_eq!(read_u64(&bytes, COUNT_OFFSET), 10_000);
+        let written: Vec<u128> = bytes[HEADER_SIZE_BYTES..]
+            .chunks_exact(RECORD_SIZE_BYTES)
+            .map(record_from_bytes)
+            .collect();
+        assert_eq!(written, expected);
+        assert_eq!(ListTable::open(&path, &key).unwrap().len(), 10_000);
     }
 
     #[test]
