@@ -269,7 +269,8 @@ fn policy_benches(c: &mut Criterion) {
     let open_ms = started.elapsed().as_millis();
     let file_bytes = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
     println!(
-        "policy: compiled_file_bytes={file_bytes} write_compiled_ms={write_ms} open_compiled_ms={open_ms}"
+        "policy: compiled_file_bytes={file_bytes} write_compiled_ms={write_ms} open_compiled_ms={open_ms} anon_huge_pages_kib={}",
+        huge_page_kib()
     );
 
     // What a start without the compiled file costs: parsing, validating

@@ -19,7 +19,8 @@
 //! The archive starts at offset 32 so that it is 16-byte aligned when the
 //! file is read into an aligned buffer, which rkyv's validated access needs.
 //! The archive layout follows the Rust types of the policy, so any change to
-//! those types must bump [`FORMAT_VERSION`].
+//! those types that changes their archived bytes must bump
+//! [`FORMAT_VERSION`].
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -32,9 +33,11 @@ use crate::compiled::Policy;
 use crate::file_io::write_atomically;
 
 const MAGIC: [u8; 8] = *b"CDCSPOLC";
-/// Bump whenever a type archived inside [`Policy`] changes. Version 2 has
+/// Bump whenever the archived layout of [`Policy`] changes. Version 2 has
 /// 64-byte suffix table slots with names inline and rule settings stored
 /// per slot. Version 1 had 24-byte slots and settings stored per rule.
+/// Storing the slots' pattern kind as a `u8` instead of a `bool` kept
+/// version 2, because rkyv archives both as the same byte.
 pub(crate) const FORMAT_VERSION: u32 = 2;
 
 const MAGIC_OFFSET: usize = 0;
@@ -227,6 +230,50 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("caduceus policy compile"), "{error}");
+    }
+
+    #[test]
+    fn open_version_2_file_with_bool_kind() {
+        // tests/data/compiled-v2.bin was written by `caduceus policy compile`
+        // from tests/data/compiled-v2.toml when slots stored the pattern
+        // kind as a `bool`. The `u8` that replaced it archives to the same
+        // byte, so such files must still open and agree with a fresh
+        // compile.
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("policy.compiled");
+        std::fs::write(&path, include_bytes!("../tests/data/compiled-v2.bin")).unwrap();
+        let loaded = Policy::open_compiled(&path).unwrap();
+
+        let text = include_str!("../tests/data/compiled-v2.toml");
+        let compiled = Policy::compile(&parse_config(text, "compiled-v2.toml").unwrap()).unwrap();
+        assert_eq!(loaded.rule_count(), 4);
+
+        let long = "a-long-host-name-for-the-arena.mail.subdomain.example.health";
+        for lane in crate::Lane::ALL {
+            for domain in [
+                "a.example",
+                "x.tenant.example",
+                "tenant.example",
+                long,
+                "other.example",
+            ] {
+                assert_eq!(
+                    loaded.for_domain(domain, lane),
+                    compiled.for_domain(domain, lane),
+                    "{domain}"
+                );
+            }
+
+            assert_eq!(loaded.for_domain("a.example", lane).rule_id, 0);
+            assert_eq!(loaded.for_domain("x.tenant.example", lane).rule_id, 1);
+            assert_eq!(loaded.for_domain(long, lane).rule_id, 2);
+            assert_eq!(
+                loaded
+                    .for_mx_host("mx1.b.example", lane)
+                    .map(|rule| rule.rule_id),
+                Some(3)
+            );
+        }
     }
 
     #[test]

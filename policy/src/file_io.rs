@@ -20,6 +20,15 @@ pub(crate) struct FileIoError {
 /// A reader that mapped or opened the old file keeps its bytes, because the
 /// rename replaces the directory entry and never changes the old file.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FileIoError> {
+    write_atomically_with(path, |file| file.write_all(bytes))
+}
+
+/// Writes a file as [`write_atomically`] does, with `write` producing its
+/// contents, so a caller can stream a large file without holding it whole.
+pub(crate) fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), FileIoError> {
     let failed = |operation, at: &Path| {
         let path = at.to_path_buf();
         move |source| FileIoError {
@@ -41,9 +50,15 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FileIoEr
         .mode(0o600)
         .open(&temporary)
         .map_err(failed("create", &temporary))
-        .and_then(|mut file| {
-            file.write_all(bytes).map_err(failed("write", &temporary))?;
-            file.sync_all().map_err(failed("fsync", &temporary))
+        .and_then(|file| {
+            let mut buffered = io::BufWriter::with_capacity(1 << 20, file);
+            write(&mut buffered)
+                .and_then(|()| buffered.flush())
+                .map_err(failed("write", &temporary))?;
+            buffered
+                .get_ref()
+                .sync_all()
+                .map_err(failed("fsync", &temporary))
         })
         .and_then(|()| fs::rename(&temporary, path).map_err(failed("rename", path)));
     if written.is_err() {

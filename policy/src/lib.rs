@@ -17,6 +17,7 @@ mod domain;
 mod error;
 mod explain;
 mod file_io;
+mod huge_pages;
 pub mod lists;
 mod load;
 mod site_key;

@@ -34,12 +34,29 @@
 //! slot. The filter is derived from the slots, so it is not archived:
 //! [`SuffixTable::build`] and [`SuffixTable::rebuild_filter`] compute it.
 
+use zerocopy::FromBytes;
+
+use crate::huge_pages::huge_page_buffer;
+
 /// Maximum length in bytes of a name stored inside a slot. Longer names
 /// go to the arena.
 pub(crate) const INLINE_NAME_BYTES: usize = 46;
 
-/// One key of the table, filling one cache line.
-#[derive(Clone, Copy, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+/// One key of the table, filling one cache line. Every byte pattern is a
+/// valid `Slot`, so slots can live in memory that starts as zeros, and the
+/// all-zero slot is [`EMPTY_SLOT`].
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::KnownLayout,
+    zerocopy::Immutable,
+)]
 #[repr(C, align(64))]
 struct Slot {
     /// The key's hash, as [`key_hash`] computes it.
@@ -50,8 +67,10 @@ struct Slot {
     long_name_offset: u32,
     /// Zero marks an empty slot; stored names are never empty.
     name_length: u8,
-    /// The key is `*.name` rather than `name`.
-    wildcard: bool,
+    /// 1 when the key is `*.name` rather than `name`, else 0. A `u8` rather
+    /// than a `bool` so that every byte pattern is a valid slot; rkyv
+    /// archives both as the same byte.
+    wildcard: u8,
     /// The name when it fits, followed by zeros; all zeros otherwise.
     inline_name: [u8; INLINE_NAME_BYTES],
 }
@@ -63,7 +82,7 @@ const EMPTY_SLOT: Slot = Slot {
     rule_index: 0,
     long_name_offset: 0,
     name_length: 0,
-    wildcard: false,
+    wildcard: 0,
     inline_name: [0; INLINE_NAME_BYTES],
 };
 
@@ -73,7 +92,8 @@ pub(crate) struct SuffixTable {
     /// Open addressing with linear probing. The length is zero or a power of
     /// two at least twice the number of keys, so probes stay short and
     /// always reach an empty slot.
-    slots: Vec<Slot>,
+    #[rkyv(with = SlotsAsVec)]
+    slots: SlotArray,
     /// Names longer than [`INLINE_NAME_BYTES`], back to back.
     long_names: Vec<u8>,
     /// The filter as 512-bit blocks of 8 words. The block count is a power
@@ -81,6 +101,121 @@ pub(crate) struct SuffixTable {
     /// through.
     #[rkyv(with = rkyv::with::Skip)]
     filter: Vec<u64>,
+}
+
+/// Slots at or above this many bytes go in huge pages. Smaller tables
+/// need few TLB entries, and a mapping of their own would waste most of a
+/// 2 MiB page.
+const HUGE_PAGE_MIN_BYTES: usize = 2 << 20;
+
+/// The slots of a table: in an anonymous mapping advised to use
+/// transparent huge pages when the table is large, else in a `Vec`.
+enum SlotArray {
+    Heap(Vec<Slot>),
+    HugePages(memmap2::MmapMut),
+}
+
+impl SlotArray {
+    /// Returns `count` empty slots.
+    fn empty(count: usize) -> SlotArray {
+        let length_bytes = count * std::mem::size_of::<Slot>();
+        if length_bytes >= HUGE_PAGE_MIN_BYTES
+            && let Some(mapping) = huge_page_buffer(length_bytes)
+        {
+            return SlotArray::HugePages(mapping);
+        }
+        SlotArray::Heap(vec![EMPTY_SLOT; count])
+    }
+
+    fn from_slice(slots: &[Slot]) -> SlotArray {
+        let mut array = SlotArray::empty(slots.len());
+        array.copy_from_slice(slots);
+        array
+    }
+}
+
+impl std::ops::Deref for SlotArray {
+    type Target = [Slot];
+
+    fn deref(&self) -> &[Slot] {
+        match self {
+            SlotArray::Heap(slots) => slots,
+            // A mapping is page-aligned and `empty` sized it in whole
+            // slots, so the view cannot fail.
+            SlotArray::HugePages(mapping) => <[Slot]>::ref_from_bytes(mapping)
+                .expect("a mapping of whole slots is a valid slot slice"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for SlotArray {
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        match self {
+            SlotArray::Heap(slots) => slots,
+            SlotArray::HugePages(mapping) => <[Slot]>::mut_from_bytes(mapping)
+                .expect("a mapping of whole slots is a valid slot slice"),
+        }
+    }
+}
+
+impl Clone for SlotArray {
+    fn clone(&self) -> SlotArray {
+        SlotArray::from_slice(self)
+    }
+}
+
+impl Default for SlotArray {
+    fn default() -> SlotArray {
+        SlotArray::Heap(Vec::new())
+    }
+}
+
+impl std::fmt::Debug for SlotArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotArray")
+            .field("slots", &self.len())
+            .field("huge_pages", &matches!(self, SlotArray::HugePages(_)))
+            .finish()
+    }
+}
+
+/// Archives a [`SlotArray`] exactly as a `Vec<Slot>`, so the compiled file
+/// format does not depend on where the slots live in memory.
+struct SlotsAsVec;
+
+impl rkyv::with::ArchiveWith<SlotArray> for SlotsAsVec {
+    type Archived = rkyv::vec::ArchivedVec<ArchivedSlot>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve_with(field: &SlotArray, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(field.len(), resolver, out);
+    }
+}
+
+impl<S> rkyv::with::SerializeWith<SlotArray, S> for SlotsAsVec
+where
+    S: rkyv::rancor::Fallible + rkyv::ser::Allocator + rkyv::ser::Writer + ?Sized,
+{
+    fn serialize_with(field: &SlotArray, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::vec::ArchivedVec::serialize_from_slice(field, serializer)
+    }
+}
+
+impl<D> rkyv::with::DeserializeWith<rkyv::vec::ArchivedVec<ArchivedSlot>, SlotArray, D>
+    for SlotsAsVec
+where
+    D: rkyv::rancor::Fallible + ?Sized,
+{
+    fn deserialize_with(
+        field: &rkyv::vec::ArchivedVec<ArchivedSlot>,
+        deserializer: &mut D,
+    ) -> Result<SlotArray, D::Error> {
+        let mut array = SlotArray::empty(field.len());
+        for (slot, archived) in array.iter_mut().zip(field.iter()) {
+            *slot = rkyv::Deserialize::deserialize(archived, deserializer)?;
+        }
+        Ok(array)
+    }
 }
 
 /// Filter bits per stored key. With three bits set per key this gives
@@ -252,7 +387,7 @@ impl SuffixTable {
             (entries.len() * 2).next_power_of_two()
         };
         let mut table = SuffixTable {
-            slots: vec![EMPTY_SLOT; capacity],
+            slots: SlotArray::empty(capacity),
             long_names: Vec::new(),
             filter: Vec::new(),
         };
@@ -278,7 +413,7 @@ impl SuffixTable {
             hash,
             rule_index: entry.rule_index,
             name_length,
-            wildcard: entry.wildcard,
+            wildcard: u8::from(entry.wildcard),
             ..EMPTY_SLOT
         };
         if name.len() <= INLINE_NAME_BYTES {
@@ -312,7 +447,7 @@ impl SuffixTable {
             .div_ceil(FILTER_BLOCK_BITS as usize)
             .next_power_of_two();
         let mut filter = vec![0u64; block_count * FILTER_BLOCK_WORDS];
-        for slot in &self.slots {
+        for slot in self.slots.iter() {
             if slot.name_length == 0 {
                 continue;
             }
@@ -349,7 +484,9 @@ impl SuffixTable {
             if slot.name_length == 0 {
                 return None;
             }
-            if slot.hash == hash && slot.wildcard == wildcard && self.slot_name(slot) == Some(name)
+            if slot.hash == hash
+                && slot.wildcard == u8::from(wildcard)
+                && self.slot_name(slot) == Some(name)
             {
                 return Some(index);
             }
@@ -389,8 +526,15 @@ impl SuffixTable {
             let name = self
                 .slot_name(slot)
                 .ok_or_else(|| format!("slot {index} names bytes outside the arena"))?;
-            if key_hash(name, slot.wildcard) != slot.hash
-                || self.find(slot.hash, name, slot.wildcard) != Some(index)
+            if slot.wildcard > 1 {
+                return Err(format!(
+                    "slot {index} has kind {}, which is neither exact (0) nor wildcard (1)",
+                    slot.wildcard
+                ));
+            }
+            let wildcard = slot.wildcard == 1;
+            if key_hash(name, wildcard) != slot.hash
+                || self.find(slot.hash, name, wildcard) != Some(index)
             {
                 return Err(format!("slot {index} is not where its hash puts it"));
             }
@@ -619,12 +763,21 @@ mod tests {
         assert!(renamed.check(3).unwrap_err().contains("not where its hash"));
 
         let mut kind_flipped = good.clone();
-        kind_flipped.slots[filled].wildcard = !kind_flipped.slots[filled].wildcard;
+        kind_flipped.slots[filled].wildcard ^= 1;
         assert!(
             kind_flipped
                 .check(3)
                 .unwrap_err()
                 .contains("not where its hash")
+        );
+
+        let mut unknown_kind = good.clone();
+        unknown_kind.slots[filled].wildcard = 2;
+        assert!(
+            unknown_kind
+                .check(3)
+                .unwrap_err()
+                .contains("neither exact (0) nor wildcard (1)")
         );
 
         let mut full = good.clone();
@@ -633,7 +786,9 @@ mod tests {
         assert!(full.check(3).unwrap_err().contains("no empty slot"));
 
         let mut odd = good;
-        odd.slots.push(EMPTY_SLOT);
+        let mut odd_slots = odd.slots.to_vec();
+        odd_slots.push(EMPTY_SLOT);
+        odd.slots = SlotArray::Heap(odd_slots);
         assert!(odd.check(3).unwrap_err().contains("power of two"));
     }
 
@@ -643,6 +798,34 @@ mod tests {
         assert_eq!(std::mem::align_of::<Slot>(), 64);
         let table = table(&["example"]);
         assert_eq!(table.slots.as_ptr() as usize % 64, 0);
+    }
+
+    #[test]
+    fn large_table_uses_huge_pages() {
+        // 20,000 names take 65,536 slots, 4 MiB, above the huge page
+        // threshold. An archive round trip must keep them in a mapping.
+        let names: Vec<String> = (0..20_000).map(|n| format!("host{n}.example")).collect();
+        let large = SuffixTable::build(names.iter().enumerate().map(|(index, name)| TableEntry {
+            name,
+            wildcard: false,
+            rule_index: index as u32,
+        }))
+        .unwrap();
+        assert!(matches!(large.slots, SlotArray::HugePages(_)));
+        assert_eq!(large.check(names.len()), Ok(()));
+
+        let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&large).unwrap();
+        let mut loaded = rkyv::from_bytes::<SuffixTable, rkyv::rancor::Error>(&archive).unwrap();
+        assert!(matches!(loaded.slots, SlotArray::HugePages(_)));
+        assert_eq!(loaded.check(names.len()), Ok(()));
+        loaded.rebuild_filter();
+        for (index, name) in names.iter().enumerate() {
+            assert_eq!(lookup_rule(&loaded, name.as_bytes()), Some(index as u32));
+        }
+        assert_eq!(lookup_rule(&loaded, b"host20000.example"), None);
+
+        let small = table(&["example"]);
+        assert!(matches!(small.slots, SlotArray::Heap(_)));
     }
 
     #[test]
