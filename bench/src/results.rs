@@ -39,7 +39,7 @@ pub struct DomainRate {
 }
 
 /// Everything measured in one run against one target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct RunResult {
     pub scenario: String,
     /// `caduceus` or `postfix`, with a variant such as `resumption off`.
@@ -80,6 +80,18 @@ pub struct RunResult {
     pub tls: TlsSummary,
     /// The engine's peak resident set (VmHWM), in KiB; `None` for Postfix.
     pub peak_rss_kib: Option<u64>,
+    /// CPU seconds (user + system, all threads) that the engine process
+    /// used from its start until every message was accounted for. `None`
+    /// for Postfix, or when `/proc` could not be read.
+    pub engine_cpu_secs: Option<f64>,
+}
+
+impl RunResult {
+    /// Engine CPU seconds per 1,000 delivered messages, when both are known.
+    pub fn cpu_secs_per_1000_delivered(&self) -> Option<f64> {
+        let cpu_secs = self.engine_cpu_secs?;
+        (self.delivered > 0).then(|| cpu_secs * 1000.0 / self.delivered as f64)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -112,6 +124,7 @@ pub struct Evaluation<'a> {
     /// Domain that notifications go to (the sender's).
     pub sender_domain: &'a str,
     pub peak_rss_kib: Option<u64>,
+    pub engine_cpu_secs: Option<f64>,
 }
 
 /// Returns how many sent messages are accounted for (arrived or bounced),
@@ -252,6 +265,7 @@ pub fn evaluate(input: &Evaluation<'_>) -> RunResult {
             ..TlsSummary::from(input.tls)
         },
         peak_rss_kib: input.peak_rss_kib,
+        engine_cpu_secs: input.engine_cpu_secs,
     }
 }
 
@@ -413,6 +427,18 @@ pub fn print_table(runs: &[RunResult]) {
         "peak RSS MiB".into(),
         column(runs, |run| {
             run.peak_rss_kib.map_or(f64::NAN, |kib| kib as f64 / 1024.0)
+        }),
+        true,
+    ));
+    rows.push((
+        "engine CPU s".into(),
+        column(runs, |run| run.engine_cpu_secs.unwrap_or(f64::NAN)),
+        true,
+    ));
+    rows.push((
+        "engine CPU s / 1000 msgs".into(),
+        column(runs, |run| {
+            run.cpu_secs_per_1000_delivered().unwrap_or(f64::NAN)
         }),
         true,
     ));
