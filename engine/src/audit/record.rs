@@ -129,7 +129,19 @@ fn write_escaped(out: &mut Vec<u8>, value: &str) {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut copied = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
+    let mut index = 0;
+    while index < bytes.len() {
+        // Most values need no escaping, so eight bytes are tested at once
+        // and only a word that may contain a special byte is walked.
+        if let Some(chunk) = bytes.get(index..index + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().expect("the chunk has eight bytes"));
+            if !word_needs_escape(word) {
+                index += 8;
+                continue;
+            }
+        }
+        let byte = bytes[index];
+        index += 1;
         let short = match byte {
             b'"' => b'"',
             b'\\' => b'\\',
@@ -141,8 +153,8 @@ fn write_escaped(out: &mut Vec<u8>, value: &str) {
             0x00..=0x1f => b'u',
             _ => continue,
         };
-        out.extend_from_slice(&bytes[copied..index]);
-        copied = index + 1;
+        out.extend_from_slice(&bytes[copied..index - 1]);
+        copied = index;
         out.push(b'\\');
         out.push(short);
         if short == b'u' {
@@ -152,6 +164,21 @@ fn write_escaped(out: &mut Vec<u8>, value: &str) {
     }
     out.extend_from_slice(&bytes[copied..]);
     out.push(b'"');
+}
+
+/// Returns true when any of the eight bytes of `word` is below 0x20 or is
+/// `"` or `\`. It uses the exact "has a zero byte" test: `x - 0x01…01`
+/// sets the high bit of the lowest byte that was zero (or below the
+/// subtracted value), and `& !x` drops bytes that had the high bit set.
+fn word_needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let has_quote = quote.wrapping_sub(ONES) & !quote;
+    let has_backslash = backslash.wrapping_sub(ONES) & !backslash;
+    (below_space | has_quote | has_backslash) & HIGH_BITS != 0
 }
 
 #[cfg(test)]
@@ -179,6 +206,37 @@ mod tests {
         ] {
             let expected = serde_json::to_string(value).unwrap();
             assert_eq!(escaped(value), expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn escaping_at_every_position() {
+        for special in ['"', '\\', '\n', '\u{1}', '\u{1f}'] {
+            for length in 1..=20 {
+                for position in 0..length {
+                    let mut value: String = "abcdefghijklmnopqrst"[..length].to_string();
+                    value.replace_range(position..=position, &special.to_string());
+                    let expected = serde_json::to_string(&value).unwrap();
+                    assert_eq!(escaped(&value), expected, "{value:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn word_test_flags_only_special_bytes() {
+        for byte in 0u8..=255 {
+            let special = byte < 0x20 || byte == b'"' || byte == b'\\';
+            for position in 0..8 {
+                let mut bytes = [b'a'; 8];
+                bytes[position] = byte;
+                let word = u64::from_le_bytes(bytes);
+                assert_eq!(
+                    word_needs_escape(word),
+                    special,
+                    "byte {byte:#x} at {position}"
+                );
+            }
         }
     }
 
