@@ -7,8 +7,11 @@
 //!   latencies, prints tables and writes JSON.
 //! - [`plot`]: SVG plots of latency and throughput.
 //! - [`smtp_source`]: the comparison driven by Postfix's smtp-source.
+//! - [`observability`]: the audit trail and metrics endpoint on and off,
+//!   alternately in one invocation.
 
 pub mod generator;
+pub mod observability;
 pub mod plot;
 pub mod results;
 pub mod scenario;

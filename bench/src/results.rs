@@ -63,7 +63,7 @@ impl Backlog {
 }
 
 /// Everything measured in one run against one target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct RunResult {
     pub scenario: String,
     /// `caduceus` or `postfix`, with a variant such as `resumption off`.
@@ -106,6 +106,18 @@ pub struct RunResult {
     pub peak_rss_kib: Option<u64>,
     /// The queue at the end of injection; only in `backlog`.
     pub backlog: Option<Backlog>,
+    /// CPU seconds (user + system, all threads) that the engine process
+    /// used from its start until every message was accounted for. `None`
+    /// for Postfix, or when `/proc` could not be read.
+    pub engine_cpu_secs: Option<f64>,
+}
+
+impl RunResult {
+    /// Engine CPU seconds per 1,000 delivered messages, when both are known.
+    pub fn cpu_secs_per_1000_delivered(&self) -> Option<f64> {
+        let cpu_secs = self.engine_cpu_secs?;
+        (self.delivered > 0).then(|| cpu_secs * 1000.0 / self.delivered as f64)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -139,6 +151,7 @@ pub struct Evaluation<'a> {
     pub sender_domain: &'a str,
     pub peak_rss_kib: Option<u64>,
     pub backlog: Option<Backlog>,
+    pub engine_cpu_secs: Option<f64>,
 }
 
 /// Returns how many sent messages are accounted for (arrived or bounced),
@@ -280,6 +293,7 @@ pub fn evaluate(input: &Evaluation<'_>) -> RunResult {
         },
         peak_rss_kib: input.peak_rss_kib,
         backlog: input.backlog,
+        engine_cpu_secs: input.engine_cpu_secs,
     }
 }
 
@@ -481,6 +495,18 @@ pub fn print_table(runs: &[RunResult]) {
             false,
         ));
     }
+    rows.push((
+        "engine CPU s".into(),
+        column(runs, |run| run.engine_cpu_secs.unwrap_or(f64::NAN)),
+        true,
+    ));
+    rows.push((
+        "engine CPU s / 1000 msgs".into(),
+        column(runs, |run| {
+            run.cpu_secs_per_1000_delivered().unwrap_or(f64::NAN)
+        }),
+        true,
+    ));
     for (name, values, ratio) in rows {
         print!("{name:<28}");
         for value in &values {

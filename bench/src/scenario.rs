@@ -418,6 +418,24 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// Returns the CPU time, user plus system, that process `pid` and all its
+/// threads have used so far, in seconds, from `/proc/<pid>/stat`.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in field 2 may contain spaces and parentheses, so
+    // fields are counted from the last `)`: field 3 (state) is the first
+    // after it, and utime and stime are fields 14 and 15.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user_ticks: u64 = fields.next()?.parse().ok()?;
+    let system_ticks: u64 = fields.next()?.parse().ok()?;
+    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|ticks| *ticks > 0)?;
+    Some((user_ticks + system_ticks) as f64 / ticks_per_sec as f64)
+}
+
 /// The injection targets of one run.
 struct Targets {
     transactional: Target,
@@ -572,6 +590,9 @@ pub fn run_caduceus(
     };
     let summary = wait_for_deliveries(&sink, &outcomes, options.wait);
     let peak_rss = engine.pid().and_then(peak_rss_kib);
+    // Read before the shutdown, whose final syncs and checkpoints are the
+    // same for any number of messages.
+    let engine_cpu_secs = engine.pid().and_then(cpu_secs);
     let tls = sink.tls_counts();
     let _ = engine.sigterm();
     if engine.wait_exit(Duration::from_secs(30)).is_err() {
@@ -586,6 +607,7 @@ pub fn run_caduceus(
         sender_domain: SENDER_DOMAIN,
         peak_rss_kib: peak_rss,
         backlog,
+        engine_cpu_secs,
     }))
 }
 
@@ -657,5 +679,6 @@ pub fn run_postfix(scenario: Scenario, options: &Options) -> Result<RunResult, S
         sender_domain: SENDER_DOMAIN,
         peak_rss_kib: None,
         backlog: None,
+        engine_cpu_secs: None,
     }))
 }

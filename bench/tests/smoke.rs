@@ -7,7 +7,7 @@ use std::time::Duration;
 use caduceus_bench::generator::SizeMix;
 use caduceus_bench::results::RunResult;
 use caduceus_bench::scenario::{Options, Scenario, run_caduceus, run_postfix};
-use caduceus_bench::smtp_source;
+use caduceus_bench::{observability, smtp_source};
 
 fn options(messages: u64) -> Options {
     Options {
@@ -138,4 +138,26 @@ fn smtp_source_reaches_both() {
     assert_eq!(comparison.caduceus.delivered, 200);
     assert_eq!(comparison.postfix.delivered, 200);
     assert!(comparison.caduceus.peak_rss_kib.is_some());
+}
+
+#[test]
+fn observability_compare_runs_both_settings() {
+    let comparison =
+        observability::compare(Scenario::Throughput, &options(200), 1).expect("comparison");
+    let settings: Vec<bool> = comparison
+        .runs
+        .iter()
+        .map(|run| run.observability)
+        .collect();
+    assert_eq!(settings, [true, false]);
+    for run in &comparison.runs {
+        assert_verified(&run.result);
+        assert_eq!(run.result.delivered, 200);
+        assert!(
+            run.result.engine_cpu_secs.is_some(),
+            "no engine CPU time: {run:?}"
+        );
+    }
+    assert!(comparison.summary.on_delivered_per_sec > 0.0);
+    assert!(comparison.summary.off_delivered_per_sec > 0.0);
 }

@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::date::{DAY_US, Date};
 use super::key::AuditKey;
+use super::record::{Fields, write_chain_fields};
 
 /// The `prev` of a stream's first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -61,7 +62,14 @@ const TAIL_SCAN_BYTES: u64 = 1 << 20;
 
 /// Returns the SHA-256 of a line's bytes (without `\n`) as lowercase hex.
 pub fn line_hash(line: &[u8]) -> String {
-    hex::encode(digest(&SHA256, line).as_ref())
+    hex::encode(line_digest(line))
+}
+
+/// Returns the SHA-256 of a line's bytes (without `\n`).
+pub fn line_digest(line: &[u8]) -> [u8; 32] {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest(&SHA256, line).as_ref());
+    hash
 }
 
 /// The daily file name of a stream.
@@ -133,11 +141,26 @@ pub fn list_streams(dir: &Path) -> io::Result<Vec<(String, StreamFiles)>> {
 }
 
 /// The last record of a stream: what the next record chains to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Head {
     /// 0 before the first record.
     pub seq: u64,
-    pub hash: String,
+    /// SHA-256 of the record's line; all zeros before the first record.
+    pub hash: [u8; 32],
+}
+
+impl Head {
+    /// The head of a stream without records.
+    pub const GENESIS: Head = Head {
+        seq: 0,
+        hash: [0; 32],
+    };
+
+    /// Returns the hash in lowercase hex, the form of `prev` fields and
+    /// checkpoints.
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash)
+    }
 }
 
 /// One line of a checkpoint file.
@@ -170,7 +193,7 @@ impl Checkpoint {
         let mut checkpoint = Checkpoint {
             stream: stream.to_string(),
             seq: head.seq,
-            hash: head.hash.clone(),
+            hash: head.hash_hex(),
             at_us,
             file: file.to_string(),
             key: key.public_hex().to_string(),
@@ -181,14 +204,10 @@ impl Checkpoint {
     }
 }
 
-/// A record as written: the chain fields, then the event's own fields.
-#[derive(Serialize)]
-struct Line<'a, E: Serialize> {
-    seq: u64,
-    prev: &'a str,
-    at_us: u64,
-    #[serde(flatten)]
-    event: &'a E,
+/// An audit record's own fields, which follow the chain fields on its line.
+pub trait Record {
+    /// Writes `"event"` (the record kind) and then the kind's fields.
+    fn write_fields(&self, fields: &mut Fields<'_>);
 }
 
 /// The repair `open` made at the end of the newest file.
@@ -250,10 +269,7 @@ impl StreamWriter {
             .map(|(_, files)| files)
             .unwrap_or_default();
         let mut recovery = Recovery::default();
-        let mut head = Head {
-            seq: 0,
-            hash: GENESIS_HASH.to_string(),
-        };
+        let mut head = Head::GENESIS;
         // The newest file holding a whole line gives the head; a torn
         // fragment after its last newline is cut off first.
         for (index, (_, path)) in files.iter().enumerate().rev() {
@@ -279,7 +295,7 @@ impl StreamWriter {
                     })?;
                 head = Head {
                     seq,
-                    hash: line_hash(&line),
+                    hash: line_digest(&line),
                 };
                 break;
             }
@@ -297,7 +313,7 @@ impl StreamWriter {
             file_len_bytes,
             checkpoints,
             buffer: Vec::with_capacity(64 * 1024),
-            synced: head.clone(),
+            synced: head,
             head,
             records_since_checkpoint: 0,
             generation: 0,
@@ -341,34 +357,29 @@ impl StreamWriter {
     /// Adds one record to the buffer and returns its seq. A record of a new
     /// UTC day first rotates to that day's file. Nothing reaches the file
     /// until [`StreamWriter::write_out`].
-    pub fn stage<E: Serialize>(&mut self, event: &E, at_us: u64) -> io::Result<u64> {
+    pub fn stage<R: Record + ?Sized>(&mut self, record: &R, at_us: u64) -> io::Result<u64> {
         let day = Date::from_unix_us(at_us);
         if day > self.day {
             self.rotate(day, at_us)?;
         }
-        self.stage_line(event, at_us)
+        Ok(self.stage_line(record, at_us))
     }
 
-    fn stage_line<E: Serialize>(&mut self, event: &E, at_us: u64) -> io::Result<u64> {
+    /// Encodes the record straight into the buffer and hashes the bytes
+    /// in place, so a record costs no allocation once the buffer has grown.
+    fn stage_line<R: Record + ?Sized>(&mut self, record: &R, at_us: u64) -> u64 {
         let seq = self.head.seq + 1;
         let start = self.buffer.len();
-        let line = Line {
-            seq,
-            prev: &self.head.hash,
-            at_us,
-            event,
-        };
-        if let Err(error) = serde_json::to_writer(&mut self.buffer, &line) {
-            self.buffer.truncate(start);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, error));
-        }
+        write_chain_fields(&mut self.buffer, seq, &self.head.hash, at_us);
+        record.write_fields(&mut Fields::new(&mut self.buffer));
+        self.buffer.push(b'}');
         self.head = Head {
             seq,
-            hash: line_hash(&self.buffer[start..]),
+            hash: line_digest(&self.buffer[start..]),
         };
         self.buffer.push(b'\n');
         self.records_since_checkpoint += 1;
-        Ok(seq)
+        seq
     }
 
     /// Writes the buffered records with one `write(2)`. On failure the file
@@ -399,8 +410,7 @@ impl StreamWriter {
     pub fn write_and_sync(&mut self) -> io::Result<()> {
         self.write_out()?;
         self.file.sync_data()?;
-        let head = self.head.clone();
-        self.mark_synced(head)
+        self.mark_synced(self.head)
     }
 
     /// Records that every line up to `head` is durable, and writes a
@@ -499,12 +509,12 @@ impl StreamWriter {
         tracing::info!(stream = %self.stream, files = names.len(), through_seq, retention_days = self.retention_days, "audit: deleted files past retention");
         self.stage_line(
             &super::AuditEvent::RetentionDeleted {
-                files: names,
+                files: &names,
                 through_seq,
                 retention_days: self.retention_days,
             },
             now_us,
-        )?;
+        );
         self.write_and_sync()
     }
 
@@ -544,11 +554,11 @@ impl StreamWriter {
         tracing::info!(stream = %self.stream, files = names.len(), retention_days = self.retention_days, "audit: deleted checkpoint files past retention");
         self.stage_line(
             &super::AuditEvent::CheckpointsDeleted {
-                files: names,
+                files: &names,
                 retention_days: self.retention_days,
             },
             now_us,
-        )?;
+        );
         self.write_and_sync()
     }
 }

@@ -23,6 +23,7 @@ pub mod chain;
 pub mod date;
 pub mod key;
 pub mod reconcile;
+pub mod record;
 pub mod report;
 pub mod verify;
 
@@ -33,13 +34,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caduceus_policy::config::Config;
-use caduceus_spool::{Envelope, ListAppends, RecordRef, RecoveryReport, Shard as SpoolShard};
+use caduceus_spool::{
+    Envelope, ListAppends, MessageId, RecordRef, RecoveryReport, Shard as SpoolShard,
+};
 use glommio::io::BufferedFile;
-use serde::Serialize;
 
 use crate::deliverylog::{Entry, Event, now_us};
-use chain::StreamWriter;
+use chain::{Record, StreamWriter};
 use key::AuditKey;
+use record::Fields;
 
 /// How often an executor writes and syncs its staged records.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -49,16 +52,17 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 const WRITE_OUT_BYTES: usize = 1 << 20;
 
 /// One audit record's own fields; the chain fields come first on the line.
-#[derive(Debug, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum AuditEvent {
+/// The fields borrow from the caller, so building a record copies nothing.
+/// [`Record::write_fields`] below sets the field names and their order.
+#[derive(Debug)]
+pub enum AuditEvent<'a> {
     /// A stream opened (engine start).
     Started { pid: u32 },
     /// A message was accepted from a client on a lane socket. `recovered`
     /// marks a record rebuilt from the spool at start, after a crash kept
     /// the original from the file.
     Accepted {
-        message_id: String,
+        message_id: MessageId,
         lane: &'static str,
         category: &'static str,
         peer_uid: u32,
@@ -67,62 +71,56 @@ pub enum AuditEvent {
         recipients: usize,
         size_bytes: u64,
         received_at_us: u64,
-        /// The spool record, as `segment:offset` (see [`reconcile`]);
-        /// absent from a record rebuilt from an adopted shard.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        spool: Option<String>,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        /// The spool record (see [`reconcile`]); absent from a record
+        /// rebuilt from an adopted shard.
+        spool: Option<RecordRef>,
         recovered: bool,
         /// The adopted shard whose spool a record was rebuilt from.
-        #[serde(skip_serializing_if = "Option::is_none")]
         from_shard: Option<u16>,
     },
     /// A message of another executor's spool shard, left by an earlier
     /// allocation of cores, was copied into this executor's shard.
     Adopted {
-        message_id: String,
+        message_id: MessageId,
         from_shard: u16,
         lane: &'static str,
         category: &'static str,
         /// The recipients still pending, which the copy carries.
         recipients: usize,
-        spool: String,
+        spool: RecordRef,
     },
     /// The start checked the spool shard for `accepted` records that a
     /// crash kept from the files, and rebuilt `recovered` of them. `spool`
     /// is the shard's last append then; absent when the shard was empty.
     SpoolReconciled {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        spool: Option<String>,
+        spool: Option<RecordRef>,
         recovered: usize,
     },
     /// One recipient's outcome: delivered, deferred, bounced, expired or
     /// deleted (the `outcome` field).
-    Outcome(OutcomeRecord),
+    Outcome(OutcomeRecord<'a>),
     /// A delivery status notification was generated for a message.
     Dsn {
-        message_id: String,
-        dsn_message_id: String,
+        message_id: &'a str,
+        dsn_message_id: &'a str,
         action: &'static str,
         lane: &'static str,
-        /// The DSN's spool record, as `segment:offset`.
-        spool: String,
+        /// The DSN's spool record.
+        spool: RecordRef,
     },
     /// An administrative command on the control socket.
     Admin {
         operator_uid: u32,
-        command: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        destination: Option<String>,
+        command: &'a str,
+        destination: Option<&'a str>,
         /// The HMAC of the address a suppression or consent command named.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        address_hmac: Option<String>,
+        address_hmac: Option<&'a str>,
     },
     /// An operator was shown a spooled message's envelope with `caduceus
     /// spool show`: addresses, states and sizes, but no content.
     EnvelopeViewed {
         operator_uid: u32,
-        message_id: String,
+        message_id: &'a str,
         /// The spool shard that contains the message.
         shard: u16,
     },
@@ -131,12 +129,12 @@ pub enum AuditEvent {
     /// recorded.
     ContentViewed {
         operator_uid: u32,
-        message_id: String,
+        message_id: &'a str,
         shard: u16,
     },
     /// Files past the retention period were deleted.
     RetentionDeleted {
-        files: Vec<String>,
+        files: &'a [String],
         through_seq: u64,
         retention_days: u64,
     },
@@ -144,35 +142,167 @@ pub enum AuditEvent {
     /// stream's retention may delete them, so the stream that deleted them
     /// records it.
     CheckpointsDeleted {
-        files: Vec<String>,
+        files: &'a [String],
         retention_days: u64,
     },
     /// A crash interrupted a line's write; the fragment was cut off when
     /// the stream reopened.
-    TornTailDiscarded { file: String, bytes: u64 },
+    TornTailDiscarded { file: &'a str, bytes: u64 },
 }
 
-/// The fields of an outcome record.
-#[derive(Debug, Serialize)]
-pub struct OutcomeRecord {
+impl Record for AuditEvent<'_> {
+    fn write_fields(&self, fields: &mut Fields<'_>) {
+        match self {
+            AuditEvent::Started { pid } => {
+                fields.str("event", "started");
+                fields.u64("pid", u64::from(*pid));
+            }
+            AuditEvent::Accepted {
+                message_id,
+                lane,
+                category,
+                peer_uid,
+                peer_gid,
+                peer_pid,
+                recipients,
+                size_bytes,
+                received_at_us,
+                spool,
+                recovered,
+                from_shard,
+            } => {
+                fields.str("event", "accepted");
+                fields.message_id("message_id", message_id);
+                fields.str("lane", lane);
+                fields.str("category", category);
+                fields.u64("peer_uid", u64::from(*peer_uid));
+                fields.u64("peer_gid", u64::from(*peer_gid));
+                fields.u64("peer_pid", u64::from(*peer_pid));
+                fields.u64("recipients", *recipients as u64);
+                fields.u64("size_bytes", *size_bytes);
+                fields.u64("received_at_us", *received_at_us);
+                if let Some(spool) = spool {
+                    fields.location("spool", *spool);
+                }
+                if *recovered {
+                    fields.bool("recovered", true);
+                }
+                fields.opt_u64("from_shard", from_shard.map(u64::from));
+            }
+            AuditEvent::Adopted {
+                message_id,
+                from_shard,
+                lane,
+                category,
+                recipients,
+                spool,
+            } => {
+                fields.str("event", "adopted");
+                fields.message_id("message_id", message_id);
+                fields.u64("from_shard", u64::from(*from_shard));
+                fields.str("lane", lane);
+                fields.str("category", category);
+                fields.u64("recipients", *recipients as u64);
+                fields.location("spool", *spool);
+            }
+            AuditEvent::SpoolReconciled { spool, recovered } => {
+                fields.str("event", "spool_reconciled");
+                if let Some(spool) = spool {
+                    fields.location("spool", *spool);
+                }
+                fields.u64("recovered", *recovered as u64);
+            }
+            AuditEvent::Outcome(outcome) => {
+                fields.str("event", "outcome");
+                outcome.write_fields(fields);
+            }
+            AuditEvent::Dsn {
+                message_id,
+                dsn_message_id,
+                action,
+                lane,
+                spool,
+            } => {
+                fields.str("event", "dsn");
+                fields.str("message_id", message_id);
+                fields.str("dsn_message_id", dsn_message_id);
+                fields.str("action", action);
+                fields.str("lane", lane);
+                fields.location("spool", *spool);
+            }
+            AuditEvent::Admin {
+                operator_uid,
+                command,
+                destination,
+                address_hmac,
+            } => {
+                fields.str("event", "admin");
+                fields.u64("operator_uid", u64::from(*operator_uid));
+                fields.str("command", command);
+                fields.opt_str("destination", *destination);
+                fields.opt_str("address_hmac", *address_hmac);
+            }
+            AuditEvent::EnvelopeViewed {
+                operator_uid,
+                message_id,
+                shard,
+            } => {
+                fields.str("event", "envelope_viewed");
+                fields.u64("operator_uid", u64::from(*operator_uid));
+                fields.str("message_id", message_id);
+                fields.u64("shard", u64::from(*shard));
+            }
+            AuditEvent::ContentViewed {
+                operator_uid,
+                message_id,
+                shard,
+            } => {
+                fields.str("event", "content_viewed");
+                fields.u64("operator_uid", u64::from(*operator_uid));
+                fields.str("message_id", message_id);
+                fields.u64("shard", u64::from(*shard));
+            }
+            AuditEvent::RetentionDeleted {
+                files,
+                through_seq,
+                retention_days,
+            } => {
+                fields.str("event", "retention_deleted");
+                fields.str_list("files", files);
+                fields.u64("through_seq", *through_seq);
+                fields.u64("retention_days", *retention_days);
+            }
+            AuditEvent::CheckpointsDeleted {
+                files,
+                retention_days,
+            } => {
+                fields.str("event", "checkpoints_deleted");
+                fields.str_list("files", files);
+                fields.u64("retention_days", *retention_days);
+            }
+            AuditEvent::TornTailDiscarded { file, bytes } => {
+                fields.str("event", "torn_tail_discarded");
+                fields.str("file", file);
+                fields.u64("bytes", *bytes);
+            }
+        }
+    }
+}
+
+/// The fields of an outcome record, borrowed from its delivery log entry.
+#[derive(Debug)]
+pub struct OutcomeRecord<'a> {
     pub outcome: &'static str,
-    pub message_id: String,
+    pub message_id: &'a str,
     pub lane: &'static str,
     pub category: &'static str,
     /// The address or `hmac:<hex>`, per `recipient_logging`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub recipient: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote_host: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub remote_ip: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<&'a str>,
+    pub remote_host: Option<&'a str>,
+    pub remote_ip: Option<&'a str>,
     pub reply_code: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_version: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_cipher: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<&'a str>,
+    pub tls_cipher: Option<&'a str>,
     pub attempt: Option<u32>,
     pub received_at_us: u64,
 }
@@ -188,24 +318,40 @@ fn event_name(event: Event) -> &'static str {
     }
 }
 
-impl OutcomeRecord {
+impl<'a> OutcomeRecord<'a> {
     /// Takes the fields of a delivery log entry. The recipient there is
     /// already in the form `recipient_logging` asks for.
-    pub fn from_entry(entry: &Entry<'_>) -> OutcomeRecord {
+    pub fn from_entry(entry: &'a Entry<'_>) -> OutcomeRecord<'a> {
         OutcomeRecord {
             outcome: event_name(entry.event),
-            message_id: entry.message_id.to_string(),
+            message_id: entry.message_id,
             lane: entry.lane.as_str(),
             category: entry.category.as_str(),
-            recipient: entry.recipient.clone(),
-            remote_host: entry.remote_host.map(str::to_string),
-            remote_ip: entry.remote_ip.clone(),
+            recipient: entry.recipient.as_deref(),
+            remote_host: entry.remote_host,
+            remote_ip: entry.remote_ip.as_deref(),
             reply_code: entry.reply_code,
-            tls_version: entry.tls_version.map(str::to_string),
-            tls_cipher: entry.tls_cipher.map(str::to_string),
+            tls_version: entry.tls_version,
+            tls_cipher: entry.tls_cipher,
             attempt: entry.attempt,
             received_at_us: entry.received_at_us,
         }
+    }
+
+    /// Writes the fields after `"event":"outcome"`.
+    fn write_fields(&self, fields: &mut Fields<'_>) {
+        fields.str("outcome", self.outcome);
+        fields.str("message_id", self.message_id);
+        fields.str("lane", self.lane);
+        fields.str("category", self.category);
+        fields.opt_str("recipient", self.recipient);
+        fields.opt_str("remote_host", self.remote_host);
+        fields.opt_str("remote_ip", self.remote_ip);
+        fields.opt_u64("reply_code", self.reply_code.map(u64::from));
+        fields.opt_str("tls_version", self.tls_version);
+        fields.opt_str("tls_cipher", self.tls_cipher);
+        fields.opt_u64("attempt", self.attempt.map(u64::from));
+        fields.u64("received_at_us", self.received_at_us);
     }
 }
 
@@ -266,7 +412,7 @@ impl AuditSetup {
                 );
                 writer.stage(
                     &AuditEvent::TornTailDiscarded {
-                        file,
+                        file: &file,
                         bytes: recovery.torn_bytes,
                     },
                     now,
@@ -404,11 +550,7 @@ impl CoreStream {
         let (head, generation, path) = {
             let mut writer = self.writer.borrow_mut();
             writer.write_out()?;
-            (
-                writer.head().clone(),
-                writer.generation(),
-                writer.current_path(),
-            )
+            (*writer.head(), writer.generation(), writer.current_path())
         };
         let file = self.sync_handle(generation, &path).await?;
         file.fdatasync()
@@ -452,7 +594,7 @@ impl CoreStream {
     }
 
     /// Stages a record, and writes out the buffer when it has grown large.
-    fn stage(&self, event: &AuditEvent) -> std::io::Result<u64> {
+    fn stage(&self, event: &AuditEvent<'_>) -> std::io::Result<u64> {
         let mut writer = self.writer.borrow_mut();
         let seq = writer.stage(event, now_us())?;
         if writer.buffered_bytes() >= WRITE_OUT_BYTES {
@@ -508,13 +650,13 @@ impl CoreStream {
     fn rebuild(&self, report: &RecoveryReport, orphan: Option<u16>) -> Result<(), String> {
         let mut writer = self.writer.borrow_mut();
         let now = now_us();
-        let mut stage = |event: &AuditEvent| {
+        let mut stage = |event: &AuditEvent<'_>| {
             writer.stage(event, now).map_err(|error| {
                 format!("audit stream {} failed to write: {error}", writer.stream())
             })
         };
         for append in &report.appends {
-            let spool = orphan.is_none().then(|| reconcile::location(append.record));
+            let spool = orphan.is_none().then_some(append.record);
             stage(&accepted_event(
                 &append.envelope,
                 spool,
@@ -524,7 +666,7 @@ impl CoreStream {
         }
         if orphan.is_none() {
             stage(&AuditEvent::SpoolReconciled {
-                spool: report.last_append.map(reconcile::location),
+                spool: report.last_append,
                 recovered: report.appends.len(),
             })?;
         }
@@ -549,12 +691,12 @@ impl CoreStream {
 /// that the message came from, if any.
 fn accepted_event(
     envelope: &Envelope,
-    spool: Option<String>,
+    spool: Option<RecordRef>,
     size_bytes: u64,
     rebuilt: Option<Option<u16>>,
-) -> AuditEvent {
+) -> AuditEvent<'static> {
     AuditEvent::Accepted {
-        message_id: envelope.message_id.to_string(),
+        message_id: envelope.message_id,
         lane: envelope.lane.as_str(),
         category: envelope.category.as_str(),
         peer_uid: envelope.peer_uid,
@@ -580,7 +722,7 @@ pub fn accepted(envelope: &Envelope, record: RecordRef, size_bytes: usize) -> Re
     stream
         .stage(&accepted_event(
             envelope,
-            Some(reconcile::location(record)),
+            Some(record),
             size_bytes as u64,
             None,
         ))
@@ -595,12 +737,12 @@ pub fn adopted(envelope: &Envelope, record: RecordRef, from_shard: u16) {
         return;
     };
     let event = AuditEvent::Adopted {
-        message_id: envelope.message_id.to_string(),
+        message_id: envelope.message_id,
         from_shard,
         lane: envelope.lane.as_str(),
         category: envelope.category.as_str(),
         recipients: envelope.recipients.len(),
-        spool: reconcile::location(record),
+        spool: record,
     };
     if let Err(error) = stream.stage(&event) {
         tracing::error!(message_id = %envelope.message_id, %error, "audit: adoption record failed to write");
@@ -666,11 +808,11 @@ pub fn dsn_generated(message_id: &str, dsn_entry: &Entry<'_>, record: RecordRef)
         _ => "failed",
     };
     let event = AuditEvent::Dsn {
-        message_id: message_id.to_string(),
-        dsn_message_id: dsn_entry.message_id.to_string(),
+        message_id,
+        dsn_message_id: dsn_entry.message_id,
         action,
         lane: dsn_entry.lane.as_str(),
-        spool: reconcile::location(record),
+        spool: record,
     };
     if let Err(error) = stream.stage(&event) {
         tracing::error!(message_id, %error, "audit: DSN record failed to write");
@@ -698,9 +840,9 @@ pub fn admin(
         };
         let event = AuditEvent::Admin {
             operator_uid,
-            command: command.to_string(),
-            destination: destination.map(str::to_string),
-            address_hmac: address_hmac.map(str::to_string),
+            command,
+            destination,
+            address_hmac,
         };
         let result = writer
             .stage(&event, now_us())
@@ -728,13 +870,13 @@ pub fn message_viewed(
         let event = if content {
             AuditEvent::ContentViewed {
                 operator_uid,
-                message_id: message_id.to_string(),
+                message_id,
                 shard,
             }
         } else {
             AuditEvent::EnvelopeViewed {
                 operator_uid,
-                message_id: message_id.to_string(),
+                message_id,
                 shard,
             }
         };

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use super::AuditEvent;
 use super::chain::{
-    LEGACY_CHECKPOINT_FILE, StreamWriter, checkpoint_file_name, file_name, list_checkpoint_files,
-    list_streams,
+    LEGACY_CHECKPOINT_FILE, Record, StreamWriter, checkpoint_file_name, file_name,
+    list_checkpoint_files, list_streams,
 };
 use super::date::{DAY_US, Date};
 use super::key::AuditKey;
+use super::record::Fields;
 use super::verify::{ProblemKind, Report, latest_checkpoints, parse_anchors, verify};
 
 /// 2026-12-04 00:00 UTC plus one hour.
@@ -19,12 +20,27 @@ const BASE_US: u64 = 20_791 * DAY_US + 3_600_000_000;
 const RECORDS: u64 = 10_000;
 const RETENTION: Duration = Duration::from_secs(2190 * 86_400);
 
-fn admin_event(index: u64) -> AuditEvent {
-    AuditEvent::Admin {
-        operator_uid: 1000,
-        command: "queue.hold".into(),
-        destination: Some(format!("d{index}.example")),
-        address_hmac: None,
+/// An `admin` record that owns its destination, so that tests can build
+/// one per index.
+struct AdminRecord {
+    destination: String,
+}
+
+impl Record for AdminRecord {
+    fn write_fields(&self, fields: &mut Fields<'_>) {
+        AuditEvent::Admin {
+            operator_uid: 1000,
+            command: "queue.hold",
+            destination: Some(&self.destination),
+            address_hmac: None,
+        }
+        .write_fields(fields);
+    }
+}
+
+fn admin_event(index: u64) -> AdminRecord {
+    AdminRecord {
+        destination: format!("d{index}.example"),
     }
 }
 
@@ -348,7 +364,7 @@ fn report_lists_outcomes_per_recipient() {
     let key = Arc::new(AuditKey::generate().unwrap());
     let (mut writer, _) = StreamWriter::open(&dir, "core-0", key, RETENTION, BASE_US).unwrap();
     let accepted = AuditEvent::Accepted {
-        message_id: "m1".into(),
+        message_id: caduceus_spool::MessageId([1; 16]),
         lane: "transactional",
         category: "care",
         peer_uid: 65534,
@@ -357,7 +373,10 @@ fn report_lists_outcomes_per_recipient() {
         recipients: 2,
         size_bytes: 100,
         received_at_us: BASE_US,
-        spool: Some("1:64".into()),
+        spool: Some(caduceus_spool::RecordRef {
+            segment: 1,
+            offset: 64,
+        }),
         recovered: false,
         from_shard: None,
     };
@@ -365,15 +384,15 @@ fn report_lists_outcomes_per_recipient() {
     for (outcome, attempt) in [("deferred", 1), ("delivered", 2)] {
         let record = super::OutcomeRecord {
             outcome,
-            message_id: "m1".into(),
+            message_id: "01010101010101010101010101010101",
             lane: "transactional",
             category: "care",
-            recipient: Some("hmac:ab,cd".into()),
-            remote_host: Some("mx.example".into()),
-            remote_ip: Some("127.0.0.9".into()),
+            recipient: Some("hmac:ab,cd"),
+            remote_host: Some("mx.example"),
+            remote_ip: Some("127.0.0.9"),
             reply_code: Some(250),
-            tls_version: Some("TLSv1.3".into()),
-            tls_cipher: Some("TLS13_AES_256_GCM_SHA384".into()),
+            tls_version: Some("TLSv1.3"),
+            tls_cipher: Some("TLS13_AES_256_GCM_SHA384"),
             attempt: Some(attempt),
             received_at_us: BASE_US,
         };
@@ -832,4 +851,170 @@ fn checkpoint_stream_name_is_rejected() {
     let result = StreamWriter::open(directory.path(), "checkpoints", key, RETENTION, BASE_US);
     let error = result.err().expect("reserved name accepted");
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+/// Every record kind, staged in order into a new stream, writes exactly
+/// the bytes of `testdata/records-v1.jsonl`. That file was written by the
+/// serde_json encoder of earlier versions from the same records, so a
+/// stream keeps one format across the upgrade. The strings include
+/// characters that JSON escapes and U+007F, which it does not.
+#[test]
+fn record_lines_match_earlier_encoder() {
+    let directory = tempfile::tempdir().unwrap();
+    let dir = directory.path().join("audit");
+    let key = Arc::new(AuditKey::generate().unwrap());
+    let (mut writer, _) = StreamWriter::open(&dir, "core-0", key, RETENTION, BASE_US).unwrap();
+
+    let id = caduceus_spool::MessageId([
+        0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd,
+        0xef,
+    ]);
+    let id_text = id.to_string();
+    let location = |segment, offset| caduceus_spool::RecordRef { segment, offset };
+    let retention_files = [
+        "core-0-20200101.jsonl".to_string(),
+        "core-0-20200102.jsonl".into(),
+    ];
+    let checkpoint_files = ["checkpoints-20200101.jsonl".to_string()];
+
+    let events = [
+        AuditEvent::Started { pid: 4321 },
+        AuditEvent::Accepted {
+            message_id: id,
+            lane: "bulk",
+            category: "care",
+            peer_uid: 1000,
+            peer_gid: 100,
+            peer_pid: 77,
+            recipients: 3,
+            size_bytes: 2048,
+            received_at_us: BASE_US,
+            spool: Some(location(7, 4096)),
+            recovered: false,
+            from_shard: None,
+        },
+        AuditEvent::Accepted {
+            message_id: id,
+            lane: "transactional",
+            category: "marketing",
+            peer_uid: 0,
+            peer_gid: 0,
+            peer_pid: 0,
+            recipients: 1,
+            size_bytes: 0,
+            received_at_us: u64::MAX,
+            spool: None,
+            recovered: true,
+            from_shard: Some(3),
+        },
+        AuditEvent::Adopted {
+            message_id: id,
+            from_shard: 2,
+            lane: "bulk",
+            category: "transactional",
+            recipients: 5,
+            spool: location(1, 0),
+        },
+        AuditEvent::SpoolReconciled {
+            spool: Some(location(3, 128)),
+            recovered: 2,
+        },
+        AuditEvent::SpoolReconciled {
+            spool: None,
+            recovered: 0,
+        },
+        AuditEvent::Outcome(super::OutcomeRecord {
+            outcome: "delivered",
+            message_id: &id_text,
+            lane: "bulk",
+            category: "care",
+            recipient: Some("a\"b\\c\u{1}\u{7f}é\n\t@x.example"),
+            remote_host: Some("mx.example"),
+            remote_ip: Some("127.0.0.9"),
+            reply_code: Some(250),
+            tls_version: Some("TLSv1.3"),
+            tls_cipher: Some("TLS13_AES_256_GCM_SHA384"),
+            attempt: Some(1),
+            received_at_us: BASE_US,
+        }),
+        AuditEvent::Outcome(super::OutcomeRecord {
+            outcome: "deleted",
+            message_id: &id_text,
+            lane: "bulk",
+            category: "care",
+            recipient: None,
+            remote_host: None,
+            remote_ip: None,
+            reply_code: None,
+            tls_version: None,
+            tls_cipher: None,
+            attempt: None,
+            received_at_us: 0,
+        }),
+        AuditEvent::Dsn {
+            message_id: &id_text,
+            dsn_message_id: "ffffffffffffffffffffffffffffffff",
+            action: "failed",
+            lane: "transactional",
+            spool: location(9, 10),
+        },
+        AuditEvent::Admin {
+            operator_uid: 1000,
+            command: "suppress.add",
+            destination: Some("d.example"),
+            address_hmac: Some("hmac:00ff"),
+        },
+        AuditEvent::Admin {
+            operator_uid: 0,
+            command: "policy.reload",
+            destination: None,
+            address_hmac: None,
+        },
+        AuditEvent::EnvelopeViewed {
+            operator_uid: 5,
+            message_id: &id_text,
+            shard: 1,
+        },
+        AuditEvent::ContentViewed {
+            operator_uid: 6,
+            message_id: &id_text,
+            shard: 65535,
+        },
+        AuditEvent::RetentionDeleted {
+            files: &retention_files,
+            through_seq: 99,
+            retention_days: 2190,
+        },
+        AuditEvent::RetentionDeleted {
+            files: &[],
+            through_seq: 0,
+            retention_days: 0,
+        },
+        AuditEvent::CheckpointsDeleted {
+            files: &checkpoint_files,
+            retention_days: 7,
+        },
+        AuditEvent::TornTailDiscarded {
+            file: "core-0-20261204.jsonl",
+            bytes: 20,
+        },
+    ];
+    for (index, event) in events.iter().enumerate() {
+        writer.stage(event, BASE_US + index as u64).unwrap();
+    }
+    writer.write_out().unwrap();
+
+    let written = fs::read(dir.join(file_name("core-0", Date::from_unix_us(BASE_US)))).unwrap();
+    let expected: &[u8] = include_bytes!("testdata/records-v1.jsonl");
+    let written_lines: Vec<&[u8]> = written.split(|byte| *byte == b'\n').collect();
+    let expected_lines: Vec<&[u8]> = expected.split(|byte| *byte == b'\n').collect();
+    assert_eq!(written_lines.len(), expected_lines.len());
+    for (index, (written, expected)) in written_lines.iter().zip(&expected_lines).enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(written),
+            String::from_utf8_lossy(expected),
+            "line {}",
+            index + 1
+        );
+    }
 }

@@ -227,8 +227,30 @@ pub fn install_core(metrics: Arc<CoreMetrics>) {
     .detach();
 }
 
+/// Adds `delta` to a counter of this executor's [`CoreMetrics`]. Only the
+/// owning executor writes these counters, so a relaxed load and store are
+/// enough. They cost less than a locked read-modify-write, and the
+/// exposition thread still reads whole values, because an atomic store
+/// never tears.
+fn add_owned(counter: &AtomicU64, delta: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(delta),
+        Ordering::Relaxed,
+    );
+}
+
+/// Adds `delta` to a gauge of this executor's [`CoreMetrics`]; see
+/// [`add_owned`].
+fn add_owned_gauge(gauge: &AtomicI64, delta: i64) {
+    gauge.store(
+        gauge.load(Ordering::Relaxed).wrapping_add(delta),
+        Ordering::Relaxed,
+    );
+}
+
 /// Counts a delivery log event: accepted messages and DSNs at `received`,
-/// recipient outcomes otherwise, and the inject-to-delivery latency.
+/// recipient outcomes otherwise, and the inject-to-delivery latency. Call
+/// only on the executor that owns the installed metrics.
 pub fn record_event(entry: &Entry<'_>) {
     let Some(local) = local() else {
         return;
@@ -237,16 +259,15 @@ pub fn record_event(entry: &Entry<'_>) {
     match entry.event {
         Event::Received => {
             if entry.note.is_some_and(|note| note.starts_with("dsn")) {
-                lane.dsns.fetch_add(1, Ordering::Relaxed);
+                add_owned(&lane.dsns, 1);
             } else {
-                lane.accepted.fetch_add(1, Ordering::Relaxed);
+                add_owned(&lane.accepted, 1);
             }
             let recipients = entry.recipients.unwrap_or(0) as i64;
-            lane.queue_recipients
-                .fetch_add(recipients, Ordering::Relaxed);
+            add_owned_gauge(&lane.queue_recipients, recipients);
         }
         Event::Deferred => {
-            lane.deferred.fetch_add(1, Ordering::Relaxed);
+            add_owned(&lane.deferred, 1);
         }
         Event::Delivered | Event::Bounced | Event::Expired | Event::Deleted => {
             let counter = match entry.event {
@@ -255,8 +276,8 @@ pub fn record_event(entry: &Entry<'_>) {
                 Event::Expired => &lane.expired,
                 _ => &lane.deleted,
             };
-            counter.fetch_add(1, Ordering::Relaxed);
-            lane.queue_recipients.fetch_sub(1, Ordering::Relaxed);
+            add_owned(counter, 1);
+            add_owned_gauge(&lane.queue_recipients, -1);
             if entry.event == Event::Delivered {
                 let latency_us = entry.at_us.saturating_sub(entry.received_at_us).max(1);
                 local.latency_us.borrow_mut()[entry.lane as usize].saturating_record(latency_us);
