@@ -520,6 +520,20 @@ impl ControlPlane {
             tracing::error!(path = %path.display(), %error, "keys: rotation failed while {step}; the previous key stays active");
             json!({"ok": false, "error": format!("rotation failed while {step}, and the previous key stays active: {error}")})
         };
+        // The new file is renamed over the old one, which needs only a
+        // writable directory. A key file the engine's user cannot write
+        // (mode 0400, or another owner) is kept by the operator or by
+        // configuration management, which could later restore it without
+        // the new key, so rotation leaves it alone.
+        if let Err(error) = OpenOptions::new().write(true).open(path) {
+            return failed(
+                "checking that the key file is writable",
+                format!(
+                    "cannot open {} for writing: {error}; add a `key` line, point `active` at it, and restart, or make the file writable by the engine's user",
+                    path.display()
+                ),
+            );
+        }
         let mut keyring = match std::fs::read_to_string(path)
             .map_err(|error| format!("cannot read {}: {error}", path.display()))
             .and_then(|text| Keyring::parse(path, &text).map_err(|error| error.to_string()))

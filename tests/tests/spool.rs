@@ -198,16 +198,6 @@ fn is_slow(sequence: u32) -> bool {
     sequence % 101 == 100
 }
 
-/// 100,000 messages to an accepting receiver, interleaved with 1,000 to one
-/// that defers every RCPT, with 4 MiB segments. Without compaction, every
-/// segment keeps a few deferred messages and none is ever deleted. With it,
-/// the spool must shrink to under 5% of its peak while the 1,000 stay
-/// queued, and none of them may be lost.
-///
-/// The accepting destination is held while the mail is injected, so the
-/// peak is the whole backlog in every run instead of depending on how
-/// delivery keeps pace with injection. Its messages carry a 3 KB body so
-/// that the backlog spans dozens of segments; the deferred ones are small.
 /// `caduceus keys rotate` seals later messages with a new key while the
 /// earlier ones stay readable, across a restart, and the rotation is in
 /// the control audit stream.
@@ -271,6 +261,51 @@ fn key_rotation_keeps_old_records_readable() {
     assert!(copies.values().all(|count| *count == 1), "{copies:?}");
 }
 
+/// `caduceus keys rotate` rejects a key file that the engine's user cannot
+/// write (docs/operations.md, "Rotation") and leaves the file unchanged; once
+/// the file is writable again, the rotation succeeds.
+#[test]
+fn key_rotation_rejects_read_only_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let state = state_dir();
+    let engine = Engine::start(
+        &config_with(8 * 1024 * 1024, ""),
+        &state.path().join("engine"),
+    )
+    .expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    let before = std::fs::read_to_string(&key_file).expect("key file");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o400))
+        .expect("chmod 0400");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["keys", "rotate", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("run caduceus keys rotate");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "rotation succeeded: {stderr}");
+    assert!(stderr.contains("cannot open"), "{stderr}");
+    assert!(stderr.contains("for writing"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&key_file).expect("key file"),
+        before,
+        "the read-only key file was replaced"
+    );
+    let mode = std::fs::metadata(&key_file)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o400, "the key file's mode changed");
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 0600");
+    let output = common::caduceus(&["keys", "rotate", "--config"], &config_path);
+    assert!(output.contains("sealed with key 2 (was key 1)"), "{output}");
+}
+
 /// A segment too small for `max_message_size_bytes` lowers the SIZE that
 /// EHLO advertises, and a larger MAIL SIZE= is rejected before the content.
 #[test]
@@ -303,6 +338,16 @@ fn small_segment_lowers_advertised_size() {
     assert!(reply.starts_with("552 5.3.4"), "{reply}");
 }
 
+/// 100,000 messages to an accepting receiver, interleaved with 1,000 to one
+/// that defers every RCPT, with 4 MiB segments. Without compaction, every
+/// segment keeps a few deferred messages and none is ever deleted. With it,
+/// the spool must shrink to under 5% of its peak while the 1,000 stay
+/// queued, and none of them may be lost.
+///
+/// The accepting destination is held while the mail is injected, so the
+/// peak is the whole backlog in every run instead of depending on how
+/// delivery keeps pace with injection. Its messages carry a 3 KB body so
+/// that the backlog spans dozens of segments; the deferred ones are small.
 #[test]
 fn compaction_reclaims_space_of_deferred_mail() {
     let fast = ScriptedReceiver::start(
