@@ -423,10 +423,50 @@ pub fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
         SpoolKeySource::Environment(hex) => Keyring::from_hex(1, hex.trim())
             .map(Some)
             .map_err(|error| format!("{SPOOL_KEY_ENV}: {error}")),
-        SpoolKeySource::File(path) => Keyring::load_or_create(&path)
-            .map(Some)
-            .map_err(|error| error.to_string()),
+        SpoolKeySource::File(path) => {
+            if !path.exists() {
+                reject_new_key_for_sealed_spool(&path, &config.spool_dir())?;
+            }
+            Keyring::load_or_create(&path)
+                .map(Some)
+                .map_err(|error| error.to_string())
+        }
     }
+}
+
+/// Returns an error when the spool directory already contains segments,
+/// because a new key cannot open their records, so recovery would quarantine
+/// every acknowledged message as damaged.
+fn reject_new_key_for_sealed_spool(key_file: &Path, spool_dir: &Path) -> Result<(), String> {
+    let entries = match std::fs::read_dir(spool_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => {
+            return Err(format!(
+                "cannot list {} to check for sealed records before creating {}: {error}",
+                spool_dir.display(),
+                key_file.display()
+            ));
+        }
+    };
+    let segments = entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(caduceus_spool::storage::parse_segment_file_name)
+                .is_some()
+        })
+        .count();
+    if segments == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "the spool key file {} is missing, but {} contains {segments} spool segment(s) whose records need it; restore the key file from its backup (docs/operations.md), or move the segments out of the spool directory to start with an empty spool",
+        key_file.display(),
+        spool_dir.display()
+    ))
 }
 
 /// The source of the spool's keys.

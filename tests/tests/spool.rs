@@ -306,6 +306,71 @@ fn key_rotation_rejects_read_only_key_file() {
     assert!(output.contains("sealed with key 2 (was key 1)"), "{output}");
 }
 
+/// A start with the spool key file missing while the spool contains sealed
+/// records fails and names the file, instead of creating a new key and
+/// quarantining every acknowledged message as damaged. The offline
+/// `spool ls` fails the same way, and neither creates a key file.
+#[test]
+fn missing_key_file_with_sealed_spool_rejected() {
+    let state = state_dir();
+    let mut engine = Engine::start(
+        &config_with(8 * 1024 * 1024, ""),
+        &state.path().join("engine"),
+    )
+    .expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
+    let acked = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    common::inject(
+        engine.socket(Lane::Bulk),
+        "keys.test",
+        vec![1, 2, 3],
+        &acked,
+        &stop,
+    );
+    assert_eq!(*acked.lock().expect("acked lock"), vec![1, 2, 3]);
+    engine.sigterm().expect("SIGTERM");
+    engine
+        .wait_exit(Duration::from_secs(30))
+        .expect("engine exit");
+
+    let saved = std::fs::read(&key_file).expect("key file");
+    std::fs::remove_file(&key_file).expect("remove key file");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["spool", "ls", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("run caduceus spool ls");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "spool ls succeeded: {stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(!key_file.exists(), "spool ls created a key file");
+
+    assert!(
+        engine.restart().is_err(),
+        "the engine started without its key"
+    );
+    let stderr = engine.stderr();
+    assert!(stderr.contains("spool key file"), "{stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(!key_file.exists(), "the engine created a key file");
+
+    // With the key file restored, every message is back in the queue.
+    std::fs::write(&key_file, saved).expect("restore key file");
+    std::os::unix::fs::chown(&key_file, Some(65534), Some(65534)).expect("chown nobody");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 0600");
+    }
+    engine.restart().expect("engine restart");
+    let listing = common::caduceus(&["queue", "list", "--config"], &config_path);
+    assert!(listing.contains("keys.test"), "{listing}");
+}
+
 /// A segment too small for `max_message_size_bytes` lowers the SIZE that
 /// EHLO advertises, and a larger MAIL SIZE= is rejected before the content.
 #[test]
