@@ -434,36 +434,27 @@ pub fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
     }
 }
 
-/// Returns an error when the spool directory already contains segments,
-/// because a new key cannot open their records, so recovery would quarantine
-/// every acknowledged message as damaged.
+/// Returns an error when the spool directory contains records sealed with
+/// a key, because a new key cannot open them, so recovery would quarantine
+/// every acknowledged message as damaged. Records written with encryption
+/// off (key id 0) need no key, so turning encryption on keeps them.
 fn reject_new_key_for_sealed_spool(key_file: &Path, spool_dir: &Path) -> Result<(), String> {
-    let entries = match std::fs::read_dir(spool_dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => {
-            return Err(format!(
-                "cannot list {} to check for sealed records before creating {}: {error}",
-                spool_dir.display(),
-                key_file.display()
-            ));
-        }
-    };
-    let segments = entries
-        .filter_map(Result::ok)
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .and_then(caduceus_spool::storage::parse_segment_file_name)
-                .is_some()
-        })
-        .count();
-    if segments == 0 {
+    if !spool_dir.exists() {
+        return Ok(());
+    }
+    let records = caduceus_spool::inspect::scan(spool_dir, None).map_err(|error| {
+        format!(
+            "cannot scan {} for sealed records before creating {}: {error}",
+            spool_dir.display(),
+            key_file.display()
+        )
+    })?;
+    let sealed = records.iter().filter(|record| record.key_id != 0).count();
+    if sealed == 0 {
         return Ok(());
     }
     Err(format!(
-        "the spool key file {} is missing, but {} contains {segments} spool segment(s) whose records need it; restore the key file from its backup (docs/operations.md), or move the segments out of the spool directory to start with an empty spool",
+        "the spool key file {} is missing, but {} contains {sealed} record(s) sealed with it; restore the key file from its backup (docs/operations.md), or move the segments out of the spool directory to start with an empty spool",
         key_file.display(),
         spool_dir.display()
     ))

@@ -262,8 +262,8 @@ fn key_rotation_keeps_old_records_readable() {
 }
 
 /// `caduceus keys rotate` rejects a key file that the engine's user cannot
-/// write (docs/operations.md, "Rotation") and leaves the file unchanged; once
-/// the file is writable again, the rotation succeeds.
+/// write (docs/operations.md, "Rotation") and leaves the file unchanged.
+/// Once the file is writable again, the rotation succeeds.
 #[test]
 fn key_rotation_rejects_read_only_key_file() {
     use std::os::unix::fs::PermissionsExt;
@@ -367,6 +367,50 @@ fn missing_key_file_with_sealed_spool_rejected() {
             .expect("chmod 0600");
     }
     engine.restart().expect("engine restart");
+    let listing = common::caduceus(&["queue", "list", "--config"], &config_path);
+    assert!(listing.contains("keys.test"), "{listing}");
+}
+
+/// Turning encryption on for a spool written with it off creates the key
+/// file and keeps every queued message, because records of key id 0 need
+/// no key.
+#[test]
+fn encryption_on_keeps_plain_spool() {
+    let plain = config_with(8 * 1024 * 1024, "").replace(
+        "reserve_bytes = 1048576\n",
+        "reserve_bytes = 1048576\nencryption = false\n",
+    );
+    assert!(plain.contains("encryption = false"), "{plain}");
+    let state = state_dir();
+    let mut engine = Engine::start(&plain, &state.path().join("engine")).expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
+    let acked = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    common::inject(
+        engine.socket(Lane::Bulk),
+        "keys.test",
+        vec![1, 2],
+        &acked,
+        &stop,
+    );
+    assert_eq!(*acked.lock().expect("acked lock"), vec![1, 2]);
+    engine.sigterm().expect("SIGTERM");
+    engine
+        .wait_exit(Duration::from_secs(30))
+        .expect("engine exit");
+    assert!(!key_file.exists(), "a key file exists with encryption off");
+
+    let written = std::fs::read_to_string(&config_path).expect("read config");
+    let encrypted = written.replace("encryption = false\n", "");
+    assert_ne!(
+        encrypted, written,
+        "encryption = false not found in {written}"
+    );
+    std::fs::write(&config_path, encrypted).expect("write config");
+    engine.restart().expect("engine restart with encryption on");
+    assert!(key_file.exists(), "no key file was created");
     let listing = common::caduceus(&["queue", "list", "--config"], &config_path);
     assert!(listing.contains("keys.test"), "{listing}");
 }
