@@ -520,6 +520,20 @@ impl ControlPlane {
             tracing::error!(path = %path.display(), %error, "keys: rotation failed while {step}; the previous key stays active");
             json!({"ok": false, "error": format!("rotation failed while {step}, and the previous key stays active: {error}")})
         };
+        // The new file is renamed over the old one, which needs only a
+        // writable directory. A key file the engine's user cannot write
+        // (mode 0400, or another owner) is kept by the operator or by
+        // configuration management, which could later restore it without
+        // the new key, so rotation leaves it alone.
+        if let Err(error) = OpenOptions::new().write(true).open(path) {
+            return failed(
+                "checking that the key file is writable",
+                format!(
+                    "cannot open {} for writing: {error}; add a `key` line, point `active` at it, and restart, or make the file writable by the engine's user",
+                    path.display()
+                ),
+            );
+        }
         let mut keyring = match std::fs::read_to_string(path)
             .map_err(|error| format!("cannot read {}: {error}", path.display()))
             .and_then(|text| Keyring::parse(path, &text).map_err(|error| error.to_string()))
@@ -647,6 +661,40 @@ pub fn request(socket: &Path, request: &Value) -> Result<Value, String> {
     BufReader::new(stream)
         .read_line(&mut line)
         .map_err(|error| format!("control socket read failed: {error}"))?;
+    if line.is_empty() {
+        // The engine closed the connection before replying, which happens
+        // when it stops or dies during the command.
+        return Err(format!(
+            "the engine closed the control socket {} without a reply; it may have stopped, so check its log and whether the command took effect",
+            socket.display()
+        ));
+    }
     serde_json::from_str(&line)
         .map_err(|error| format!("control socket sent invalid JSON: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that closes the connection without a reply produces an
+    /// error naming the closed socket, instead of a JSON parse error.
+    #[test]
+    fn request_reports_closed_connection() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let socket = directory.path().join("control.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut line = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut line)
+                .expect("read request");
+        });
+
+        let error = request(&socket, &json!({"command": "keys.rotate"})).expect_err("no reply");
+        server.join().expect("server thread");
+        assert!(error.contains("closed the control socket"), "{error}");
+        assert!(!error.contains("invalid JSON"), "{error}");
+    }
 }

@@ -154,6 +154,10 @@ fn demo_config(state_dir: &Path, sink: SocketAddr) -> Result<Config, String> {
     // queues a few megabytes at most.
     config.spool.reserve_bytes = 16 * 1024 * 1024;
     config.spool.segment_size_bytes = 16 * 1024 * 1024;
+    // The demo's messages are a few KB, so it accepts what these smaller
+    // segments hold instead of warning at start about a setting that the
+    // user never wrote.
+    config.ingress.max_message_size_bytes = config.effective_max_message_size_bytes();
     // `serve` refuses to stay root; the demo, started as root, runs the
     // engine as `nobody` instead, like a production install with its own
     // user.
@@ -335,4 +339,23 @@ fn print_report(arrivals: &[MessageSummary], injected: u64, injection_secs: f64,
         "total: {injected} injected in {injection_secs:.1} s, {} delivered after {total_secs:.1} s, {tls} over TLS",
         arrivals.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's own segment size must not make the engine warn that
+    /// `max_message_size_bytes` does not fit in a segment.
+    #[test]
+    fn demo_config_has_no_size_warning() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let sink = SocketAddr::from(([127, 0, 0, 1], 2525));
+        let config = demo_config(state.path(), sink).expect("demo config");
+        assert_eq!(config.message_size_warning(), None);
+        assert_eq!(
+            config.ingress.max_message_size_bytes,
+            config.effective_max_message_size_bytes()
+        );
+    }
 }

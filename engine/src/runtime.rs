@@ -423,10 +423,41 @@ pub fn load_keyring(config: &Config) -> Result<Option<Keyring>, String> {
         SpoolKeySource::Environment(hex) => Keyring::from_hex(1, hex.trim())
             .map(Some)
             .map_err(|error| format!("{SPOOL_KEY_ENV}: {error}")),
-        SpoolKeySource::File(path) => Keyring::load_or_create(&path)
-            .map(Some)
-            .map_err(|error| error.to_string()),
+        SpoolKeySource::File(path) => {
+            if !path.exists() {
+                reject_new_key_for_sealed_spool(&path, &config.spool_dir())?;
+            }
+            Keyring::load_or_create(&path)
+                .map(Some)
+                .map_err(|error| error.to_string())
+        }
     }
+}
+
+/// Returns an error when the spool directory contains records sealed with
+/// a key, because a new key cannot open them, so recovery would quarantine
+/// every acknowledged message as damaged. Records written with encryption
+/// off (key id 0) need no key, so turning encryption on keeps them.
+fn reject_new_key_for_sealed_spool(key_file: &Path, spool_dir: &Path) -> Result<(), String> {
+    if !spool_dir.exists() {
+        return Ok(());
+    }
+    let records = caduceus_spool::inspect::scan(spool_dir, None).map_err(|error| {
+        format!(
+            "cannot scan {} for sealed records before creating {}: {error}",
+            spool_dir.display(),
+            key_file.display()
+        )
+    })?;
+    let sealed = records.iter().filter(|record| record.key_id != 0).count();
+    if sealed == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "the spool key file {} is missing, but {} contains {sealed} record(s) sealed with it; restore the key file from its backup (docs/operations.md), or move the segments out of the spool directory to start with an empty spool",
+        key_file.display(),
+        spool_dir.display()
+    ))
 }
 
 /// The source of the spool's keys.

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::Lane;
 use crate::compiled::Route;
-use crate::config::{Config, LaneConfig, RuleConfig};
+use crate::config::{Config, LaneConfig, RuleConfig, SPOOL_ENVELOPE_HEADROOM_BYTES};
 use crate::domain::{DomainPattern, check_host_name};
 use crate::duration::ConfigDuration;
 
@@ -419,11 +419,19 @@ pub(crate) fn parse_nameserver(text: &str) -> Option<SocketAddr> {
 fn check_spool(config: &Config, issues: &mut Vec<Issue>) {
     let spool = &config.spool;
     let path = KeyPath::new(&["spool"]);
-    check_nonzero_count(
-        issues,
-        path.key("segment_size_bytes"),
-        spool.segment_size_bytes,
-    );
+    // Ingress accepts a segment minus this headroom, so no message fits in a
+    // smaller segment, and EHLO would advertise SIZE 0, which RFC 1870
+    // section 3 defines as "no fixed maximum message size".
+    if spool.segment_size_bytes <= SPOOL_ENVELOPE_HEADROOM_BYTES {
+        issue(
+            issues,
+            path.key("segment_size_bytes"),
+            format!(
+                "{} leaves no room for a message beside the {SPOOL_ENVELOPE_HEADROOM_BYTES} bytes kept for the envelope and added headers; set it above {SPOOL_ENVELOPE_HEADROOM_BYTES} plus the largest message to accept",
+                spool.segment_size_bytes
+            ),
+        );
+    }
     check_nonzero_count(
         issues,
         path.key("commit_max_batch"),

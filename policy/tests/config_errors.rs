@@ -433,3 +433,19 @@ fn default_segment_keeps_message_size() {
     );
     assert_eq!(config.message_size_warning(), None);
 }
+
+/// No message fits in a segment no larger than the 64 KiB envelope
+/// headroom, and EHLO would advertise SIZE 0, which means no fixed limit.
+#[test]
+fn segment_without_message_room_rejected() {
+    for size in ["1", "4096", "65536"] {
+        assert_error(
+            &format!("[spool]\nsegment_size_bytes = {size}\n"),
+            2,
+            22,
+            &["spool.segment_size_bytes", "leaves no room for a message"],
+        );
+    }
+    let config = parse_config("[spool]\nsegment_size_bytes = 65537\n", "caduceus.toml").unwrap();
+    assert_eq!(config.effective_max_message_size_bytes(), 1);
+}

@@ -198,16 +198,6 @@ fn is_slow(sequence: u32) -> bool {
     sequence % 101 == 100
 }
 
-/// 100,000 messages to an accepting receiver, interleaved with 1,000 to one
-/// that defers every RCPT, with 4 MiB segments. Without compaction, every
-/// segment keeps a few deferred messages and none is ever deleted. With it,
-/// the spool must shrink to under 5% of its peak while the 1,000 stay
-/// queued, and none of them may be lost.
-///
-/// The accepting destination is held while the mail is injected, so the
-/// peak is the whole backlog in every run instead of depending on how
-/// delivery keeps pace with injection. Its messages carry a 3 KB body so
-/// that the backlog spans dozens of segments; the deferred ones are small.
 /// `caduceus keys rotate` seals later messages with a new key while the
 /// earlier ones stay readable, across a restart, and the rotation is in
 /// the control audit stream.
@@ -271,6 +261,160 @@ fn key_rotation_keeps_old_records_readable() {
     assert!(copies.values().all(|count| *count == 1), "{copies:?}");
 }
 
+/// `caduceus keys rotate` rejects a key file that the engine's user cannot
+/// write (docs/operations.md, "Rotation") and leaves the file unchanged.
+/// Once the file is writable again, the rotation succeeds.
+#[test]
+fn key_rotation_rejects_read_only_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let state = state_dir();
+    let engine = Engine::start(
+        &config_with(8 * 1024 * 1024, ""),
+        &state.path().join("engine"),
+    )
+    .expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    let before = std::fs::read_to_string(&key_file).expect("key file");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o400))
+        .expect("chmod 0400");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["keys", "rotate", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("run caduceus keys rotate");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "rotation succeeded: {stderr}");
+    assert!(stderr.contains("cannot open"), "{stderr}");
+    assert!(stderr.contains("for writing"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&key_file).expect("key file"),
+        before,
+        "the read-only key file was replaced"
+    );
+    let mode = std::fs::metadata(&key_file)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o400, "the key file's mode changed");
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 0600");
+    let output = common::caduceus(&["keys", "rotate", "--config"], &config_path);
+    assert!(output.contains("sealed with key 2 (was key 1)"), "{output}");
+}
+
+/// A start with the spool key file missing while the spool contains sealed
+/// records fails and names the file, instead of creating a new key and
+/// quarantining every acknowledged message as damaged. The offline
+/// `spool ls` fails the same way, and neither creates a key file.
+#[test]
+fn missing_key_file_with_sealed_spool_rejected() {
+    let state = state_dir();
+    let mut engine = Engine::start(
+        &config_with(8 * 1024 * 1024, ""),
+        &state.path().join("engine"),
+    )
+    .expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
+    let acked = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    common::inject(
+        engine.socket(Lane::Bulk),
+        "keys.test",
+        vec![1, 2, 3],
+        &acked,
+        &stop,
+    );
+    assert_eq!(*acked.lock().expect("acked lock"), vec![1, 2, 3]);
+    engine.sigterm().expect("SIGTERM");
+    engine
+        .wait_exit(Duration::from_secs(30))
+        .expect("engine exit");
+
+    let saved = std::fs::read(&key_file).expect("key file");
+    std::fs::remove_file(&key_file).expect("remove key file");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["spool", "ls", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("run caduceus spool ls");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "spool ls succeeded: {stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(!key_file.exists(), "spool ls created a key file");
+
+    assert!(
+        engine.restart().is_err(),
+        "the engine started without its key"
+    );
+    let stderr = engine.stderr();
+    assert!(stderr.contains("spool key file"), "{stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(!key_file.exists(), "the engine created a key file");
+
+    // With the key file restored, every message is back in the queue.
+    std::fs::write(&key_file, saved).expect("restore key file");
+    std::os::unix::fs::chown(&key_file, Some(65534), Some(65534)).expect("chown nobody");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 0600");
+    }
+    engine.restart().expect("engine restart");
+    let listing = common::caduceus(&["queue", "list", "--config"], &config_path);
+    assert!(listing.contains("keys.test"), "{listing}");
+}
+
+/// Turning encryption on for a spool written with it off creates the key
+/// file and keeps every queued message, because records of key id 0 need
+/// no key.
+#[test]
+fn encryption_on_keeps_plain_spool() {
+    let plain = config_with(8 * 1024 * 1024, "").replace(
+        "reserve_bytes = 1048576\n",
+        "reserve_bytes = 1048576\nencryption = false\n",
+    );
+    assert!(plain.contains("encryption = false"), "{plain}");
+    let state = state_dir();
+    let mut engine = Engine::start(&plain, &state.path().join("engine")).expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
+    let acked = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    common::inject(
+        engine.socket(Lane::Bulk),
+        "keys.test",
+        vec![1, 2],
+        &acked,
+        &stop,
+    );
+    assert_eq!(*acked.lock().expect("acked lock"), vec![1, 2]);
+    engine.sigterm().expect("SIGTERM");
+    engine
+        .wait_exit(Duration::from_secs(30))
+        .expect("engine exit");
+    assert!(!key_file.exists(), "a key file exists with encryption off");
+
+    let written = std::fs::read_to_string(&config_path).expect("read config");
+    let encrypted = written.replace("encryption = false\n", "");
+    assert_ne!(
+        encrypted, written,
+        "encryption = false not found in {written}"
+    );
+    std::fs::write(&config_path, encrypted).expect("write config");
+    engine.restart().expect("engine restart with encryption on");
+    assert!(key_file.exists(), "no key file was created");
+    let listing = common::caduceus(&["queue", "list", "--config"], &config_path);
+    assert!(listing.contains("keys.test"), "{listing}");
+}
+
 /// A segment too small for `max_message_size_bytes` lowers the SIZE that
 /// EHLO advertises, and a larger MAIL SIZE= is rejected before the content.
 #[test]
@@ -303,6 +447,16 @@ fn small_segment_lowers_advertised_size() {
     assert!(reply.starts_with("552 5.3.4"), "{reply}");
 }
 
+/// 100,000 messages to an accepting receiver, interleaved with 1,000 to one
+/// that defers every RCPT, with 4 MiB segments. Without compaction, every
+/// segment keeps a few deferred messages and none is ever deleted. With it,
+/// the spool must shrink to under 5% of its peak while the 1,000 stay
+/// queued, and none of them may be lost.
+///
+/// The accepting destination is held while the mail is injected, so the
+/// peak is the whole backlog in every run instead of depending on how
+/// delivery keeps pace with injection. Its messages carry a 3 KB body so
+/// that the backlog spans dozens of segments; the deferred ones are small.
 #[test]
 fn compaction_reclaims_space_of_deferred_mail() {
     let fast = ScriptedReceiver::start(
