@@ -557,6 +557,9 @@ impl ControlPlane {
         if let Err(error) = keyring.save(path) {
             return failed("writing the key file", error.to_string());
         }
+        // From here the key file names the new key, and the next start
+        // seals with it even if a core misses the switch below.
+        crate::audit::key_rotated(uid, new_id, previous);
         if let Err(error) = self.install_keyring(keyring) {
             tracing::error!(key_id = new_id, %error, "keys: the key file names the new key, but not every core uses it yet; they do after a restart");
             return json!({"ok": false, "error": format!("key {new_id} is saved as the active key in {}, but not every core switched to it: {error}; restart the engine to finish", path.display())});

@@ -135,6 +135,8 @@ pub(crate) struct Inner<S: Storage> {
     standby: RefCell<Option<(u32, Rc<S::Segment>)>>,
     /// Set while the committer creates the standby segment off the executor.
     standby_pending: Cell<bool>,
+    /// When the committer last warned that it cannot prepare the standby.
+    standby_warned_at: Cell<Option<std::time::Instant>>,
     next_segment: Cell<u32>,
     live: RefCell<HashMap<RecordRef, LiveMessage>>,
     commit: RefCell<CommitState>,
@@ -225,6 +227,7 @@ impl<S: Storage + 'static> Shard<S> {
             active: Cell::new(None),
             standby: RefCell::new(None),
             standby_pending: Cell::new(false),
+            standby_warned_at: Cell::new(None),
             next_segment: Cell::new(recovered.next_segment),
             live: RefCell::new(recovered.live),
             commit: RefCell::new(CommitState::default()),

@@ -228,10 +228,13 @@ fn key_rotation_keeps_old_records_readable() {
     assert!(keys.contains("\nkey 1 "), "{keys}");
     assert!(keys.contains("\nkey 2 "), "{keys}");
     assert!(keys.contains("\nactive 2\n"), "{keys}");
+    let audit = common::control_audit(engine.state_dir());
+    assert!(audit.contains("\"keys.rotate\""), "the command is audited");
     assert!(
-        common::control_audit(engine.state_dir()).contains("\"keys.rotate\""),
-        "the rotation is audited"
+        audit.contains("\"event\":\"key_rotated\""),
+        "the rotation's result is audited: {audit}"
     );
+    assert!(audit.contains("\"key_id\":2"), "{audit}");
 
     // Offline, the spool lists two messages under each key.
     engine.sigterm().expect("SIGTERM");

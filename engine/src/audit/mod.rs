@@ -116,6 +116,13 @@ pub enum AuditEvent<'a> {
         /// The HMAC of the address a suppression or consent command named.
         address_hmac: Option<&'a str>,
     },
+    /// A `keys.rotate` command finished: new records are sealed with
+    /// `key_id`.
+    KeyRotated {
+        operator_uid: u32,
+        key_id: u32,
+        previous_key_id: u32,
+    },
     /// An operator was shown a spooled message's envelope with `caduceus
     /// spool show`: addresses, states and sizes, but no content.
     EnvelopeViewed {
@@ -241,6 +248,16 @@ impl Record for AuditEvent<'_> {
                 fields.str("command", command);
                 fields.opt_str("destination", *destination);
                 fields.opt_str("address_hmac", *address_hmac);
+            }
+            AuditEvent::KeyRotated {
+                operator_uid,
+                key_id,
+                previous_key_id,
+            } => {
+                fields.str("event", "key_rotated");
+                fields.u64("operator_uid", u64::from(*operator_uid));
+                fields.u64("key_id", u64::from(*key_id));
+                fields.u64("previous_key_id", u64::from(*previous_key_id));
             }
             AuditEvent::EnvelopeViewed {
                 operator_uid,
@@ -849,6 +866,30 @@ pub fn admin(
             .and_then(|_| writer.write_and_sync());
         if let Err(error) = result {
             tracing::error!(operator_uid, command, %error, "audit: admin record failed to write");
+        }
+        true
+    })
+}
+
+/// Records a finished spool key rotation in the control stream and syncs
+/// it. Returns `false` when this thread has no control stream (auditing
+/// off).
+pub fn key_rotated(operator_uid: u32, key_id: u32, previous_key_id: u32) -> bool {
+    CONTROL.with(|control| {
+        let mut control = control.borrow_mut();
+        let Some(writer) = control.as_mut() else {
+            return false;
+        };
+        let event = AuditEvent::KeyRotated {
+            operator_uid,
+            key_id,
+            previous_key_id,
+        };
+        let result = writer
+            .stage(&event, now_us())
+            .and_then(|_| writer.write_and_sync());
+        if let Err(error) = result {
+            tracing::error!(operator_uid, key_id, %error, "audit: key rotation record failed to write");
         }
         true
     })

@@ -325,6 +325,10 @@ fn refresh_free_bytes<S: Storage>(inner: &Inner<S>) {
     }
 }
 
+/// The shortest time between two warnings that the standby segment cannot
+/// be prepared.
+const STANDBY_WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts creating the next segment ahead of time, so a roll-over in the
 /// append path does not wait for file creation, fallocate and syncs.
 fn prepare_standby<S: Storage + 'static>(inner: &Rc<Inner<S>>) {
@@ -346,7 +350,17 @@ fn prepare_standby<S: Storage + 'static>(inner: &Rc<Inner<S>>) {
     let header = match next_segment_header(inner, SpaceUse::NewMessage) {
         Ok(header) => header,
         Err(error) => {
-            tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after the next sync");
+            // This repeats after every sync while the disk stays full, so
+            // it is logged at most once per interval.
+            let now = Instant::now();
+            let due = inner
+                .standby_warned_at
+                .get()
+                .is_none_or(|last| now.duration_since(last) >= STANDBY_WARNING_INTERVAL);
+            if due {
+                inner.standby_warned_at.set(Some(now));
+                tracing::warn!(shard = inner.shard, %error, "spool: preparing the next segment failed; will retry after each sync, and this warning repeats at most every 10 s");
+            }
             return;
         }
     };
