@@ -90,8 +90,34 @@ struct Transaction {
     envid: Option<String>,
     ret: Option<Ret>,
     recipients: Vec<SubmittedRecipient>,
+    /// The message size that MAIL declared with SIZE=, if any.
+    declared_size_bytes: Option<u64>,
+    /// An estimate of the spool envelope's size so far: the sender and
+    /// each accepted recipient with its ORCPT and a fixed overhead.
+    envelope_bytes: u64,
     /// Set when DATA starts.
     message_id: [u8; 16],
+}
+
+/// Envelope bytes that a spool record spends apart from the addresses:
+/// ids, times, flags and framing. An estimate, rounded up.
+const ENVELOPE_FIXED_BYTES: u64 = 256;
+
+/// Envelope bytes per recipient beside its address, domain and ORCPT.
+/// An estimate, rounded up.
+const RECIPIENT_FIXED_BYTES: u64 = 32;
+
+/// The part of the spool's 64 KiB headroom beside the message that the
+/// envelope may use; the rest is for the headers ingress adds and the
+/// record framing.
+const ENVELOPE_BUDGET_BYTES: u64 =
+    caduceus_policy::config::SPOOL_ENVELOPE_HEADROOM_BYTES - 16 * 1024;
+
+fn recipient_envelope_bytes(recipient: &SubmittedRecipient) -> u64 {
+    (recipient.address.len()
+        + recipient.domain.len()
+        + recipient.orcpt.as_ref().map_or(0, String::len)) as u64
+        + RECIPIENT_FIXED_BYTES
 }
 
 /// One SMTP session on a submission socket.
@@ -416,11 +442,13 @@ impl Session {
             self.send(&refusal);
             return;
         }
+        let sender = mail
+            .sender
+            .map(|mailbox| mailbox.address)
+            .unwrap_or_default();
+        let envelope_bytes = ENVELOPE_FIXED_BYTES + sender.len() as u64;
         self.transaction = Some(Transaction {
-            sender: mail
-                .sender
-                .map(|mailbox| mailbox.address)
-                .unwrap_or_default(),
+            sender,
             smtputf8: mail.smtputf8,
             body_8bit: mail.body == Some(BodyType::EightBitMime),
             envid: mail.envid,
@@ -429,6 +457,8 @@ impl Session {
                 ReturnContent::Headers => Ret::Headers,
             }),
             recipients: Vec::new(),
+            declared_size_bytes: mail.declared_size_bytes,
+            envelope_bytes,
             message_id: [0; 16],
         });
         self.send(&reply(250, 2, 1, 0, "Ok"));
@@ -458,9 +488,29 @@ impl Session {
             notify: rcpt.notify,
             orcpt: rcpt.orcpt,
         };
+        // A message of the declared size must still fit in one spool
+        // segment with its envelope, or it would get 552 after its content.
+        let envelope_bytes = transaction.envelope_bytes + recipient_envelope_bytes(&recipient);
+        if let Some(declared) = transaction.declared_size_bytes
+            && declared.saturating_add(envelope_bytes)
+                > self
+                    .limits
+                    .max_message_size_bytes
+                    .saturating_add(ENVELOPE_BUDGET_BYTES)
+        {
+            self.send(&reply(
+                452,
+                4,
+                5,
+                3,
+                "Too many recipients for a message of the declared size",
+            ));
+            return;
+        }
         let sender = transaction.sender.as_str();
         match admission.admit_rcpt(self.lane, self.default_category, sender, &recipient) {
             Ok(()) => {
+                transaction.envelope_bytes = envelope_bytes;
                 transaction.recipients.push(recipient);
                 self.send(&reply(250, 2, 1, 5, "Ok"));
             }

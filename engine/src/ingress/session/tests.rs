@@ -530,6 +530,43 @@ fn oversize_message_rejected_after_dot() {
     assert_eq!(codes(&harness.send(b".\r\n")), ["552 5.3.4"]);
 }
 
+/// A message of the declared SIZE must fit in a spool segment with its
+/// envelope, so RCPT gets 452 once the recipients would not leave room.
+#[test]
+fn declared_size_limits_envelope() {
+    let limits = SessionLimits {
+        max_message_size_bytes: 1000,
+        max_recipients: 1000,
+        ..limits()
+    };
+    let mut harness = Harness::with(limits, TestAdmission::default());
+    harness.ready();
+    harness.send(b"MAIL FROM:<app@example.com> SIZE=1000\r\n");
+    let local_part = "p".repeat(60);
+    let mut accepted = 0;
+    let mut capped = None;
+    for index in 0..1000 {
+        let command = format!("RCPT TO:<{local_part}{index}@example.net>\r\n");
+        let replies = codes(&harness.send(command.as_bytes()));
+        if replies == ["250 2.1.5"] {
+            accepted += 1;
+        } else {
+            capped = Some(replies);
+            break;
+        }
+    }
+    assert_eq!(capped, Some(vec!["452 4.5.3".to_string()]));
+    assert!(accepted > 300, "{accepted} recipients accepted");
+
+    // Without SIZE=, the content's size is unknown until the final dot,
+    // and only the recipient limit applies.
+    harness.send(b"RSET\r\nMAIL FROM:<app@example.com>\r\n");
+    for index in 0..1000 {
+        let command = format!("RCPT TO:<{local_part}{index}@example.net>\r\n");
+        assert_eq!(codes(&harness.send(command.as_bytes())), ["250 2.1.5"]);
+    }
+}
+
 #[test]
 fn long_data_line_rejected_after_dot() {
     let mut harness = Harness::new();
