@@ -799,7 +799,7 @@ impl WebhookEvent {
 /// Room left in a spool segment beside the message itself, for the segment
 /// header, the record's envelope and framing, and the headers that ingress
 /// prepends. An estimate: an envelope of many long recipients can exceed it.
-/// Ingress then answers `452 4.5.3` at RCPT when MAIL declared `SIZE=`, and
+/// Ingress then replies `452 4.5.3` at RCPT when MAIL declared `SIZE=`, and
 /// `552 5.3.4` after the content when it did not.
 pub const SPOOL_ENVELOPE_HEADROOM_BYTES: u64 = 64 * 1024;
 

@@ -108,8 +108,8 @@ const ENVELOPE_FIXED_BYTES: u64 = 256;
 const RECIPIENT_FIXED_BYTES: u64 = 32;
 
 /// The part of the spool's 64 KiB headroom beside the message that the
-/// envelope may use; the rest is for the headers ingress adds and the
-/// record framing.
+/// envelope may use. The other 16 KiB are for the headers ingress adds and
+/// the record framing.
 const ENVELOPE_BUDGET_BYTES: u64 =
     caduceus_policy::config::SPOOL_ENVELOPE_HEADROOM_BYTES - 16 * 1024;
 
