@@ -850,48 +850,48 @@ pub fn admin(
     destination: Option<&str>,
     address_hmac: Option<&str>,
 ) -> bool {
-    CONTROL.with(|control| {
-        let mut control = control.borrow_mut();
-        let Some(writer) = control.as_mut() else {
-            return false;
-        };
-        let event = AuditEvent::Admin {
-            operator_uid,
-            command,
-            destination,
-            address_hmac,
-        };
-        let result = writer
-            .stage(&event, now_us())
-            .and_then(|_| writer.write_and_sync());
+    let event = AuditEvent::Admin {
+        operator_uid,
+        command,
+        destination,
+        address_hmac,
+    };
+    write_control_record(&event).map(|result| {
         if let Err(error) = result {
             tracing::error!(operator_uid, command, %error, "audit: admin record failed to write");
         }
-        true
     })
+    .is_some()
 }
 
 /// Records a finished spool key rotation in the control stream and syncs
 /// it. Returns `false` when this thread has no control stream (auditing
 /// off).
 pub fn key_rotated(operator_uid: u32, key_id: u32, previous_key_id: u32) -> bool {
-    CONTROL.with(|control| {
-        let mut control = control.borrow_mut();
-        let Some(writer) = control.as_mut() else {
-            return false;
-        };
-        let event = AuditEvent::KeyRotated {
-            operator_uid,
-            key_id,
-            previous_key_id,
-        };
-        let result = writer
-            .stage(&event, now_us())
-            .and_then(|_| writer.write_and_sync());
+    let event = AuditEvent::KeyRotated {
+        operator_uid,
+        key_id,
+        previous_key_id,
+    };
+    write_control_record(&event).map(|result| {
         if let Err(error) = result {
             tracing::error!(operator_uid, key_id, %error, "audit: key rotation record failed to write");
         }
-        true
+    })
+    .is_some()
+}
+
+/// Stages `event` in this thread's control stream and syncs it. Returns
+/// `None` when this thread has no control stream.
+fn write_control_record(event: &AuditEvent<'_>) -> Option<std::io::Result<()>> {
+    CONTROL.with(|control| {
+        let mut control = control.borrow_mut();
+        let writer = control.as_mut()?;
+        Some(
+            writer
+                .stage(event, now_us())
+                .and_then(|_| writer.write_and_sync()),
+        )
     })
 }
 
