@@ -62,6 +62,9 @@ impl Backlog {
     }
 }
 
+/// Reads one printed figure from a run's backlog.
+type BacklogValue = fn(&Backlog) -> Option<f64>;
+
 /// Everything measured in one run against one target.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RunResult {
@@ -459,54 +462,26 @@ pub fn print_table(runs: &[RunResult]) {
         true,
     ));
     if runs.iter().any(|run| run.backlog.is_some()) {
-        rows.push((
-            "queued at release".into(),
-            column(runs, |run| {
-                run.backlog
-                    .map_or(f64::NAN, |backlog| backlog.queued as f64)
+        let backlog_rows: [(&str, BacklogValue); 4] = [
+            ("queued at release", |backlog| Some(backlog.queued as f64)),
+            ("RSS MiB at release", |backlog| {
+                backlog.rss_kib.map(|kib| kib as f64 / 1024.0)
             }),
-            false,
-        ));
-        rows.push((
-            "RSS MiB at release".into(),
-            column(runs, |run| {
-                run.backlog
-                    .and_then(|backlog| backlog.rss_kib)
-                    .map_or(f64::NAN, |kib| kib as f64 / 1024.0)
+            ("anonymous MiB at release", |backlog| {
+                backlog.anon_kib.map(|kib| kib as f64 / 1024.0)
             }),
-            false,
-        ));
-        rows.push((
-            "anonymous MiB at release".into(),
-            column(runs, |run| {
-                run.backlog
-                    .and_then(|backlog| backlog.anon_kib)
-                    .map_or(f64::NAN, |kib| kib as f64 / 1024.0)
-            }),
-            false,
-        ));
-        rows.push((
-            "RSS growth MiB per 100k".into(),
-            column(runs, |run| {
-                run.backlog
-                    .and_then(|backlog| backlog.growth_mib_per_100k())
-                    .unwrap_or(f64::NAN)
-            }),
-            false,
-        ));
+            ("RSS growth MiB per 100k", Backlog::growth_mib_per_100k),
+        ];
+        for (name, value) in backlog_rows {
+            rows.push((
+                name.into(),
+                column(runs, |run| {
+                    run.backlog.as_ref().and_then(value).unwrap_or(f64::NAN)
+                }),
+                false,
+            ));
+        }
     }
-    rows.push((
-        "engine CPU s".into(),
-        column(runs, |run| run.engine_cpu_secs.unwrap_or(f64::NAN)),
-        true,
-    ));
-    rows.push((
-        "engine CPU s / 1000 msgs".into(),
-        column(runs, |run| {
-            run.cpu_secs_per_1000_delivered().unwrap_or(f64::NAN)
-        }),
-        true,
-    ));
     for (name, values, ratio) in rows {
         print!("{name:<28}");
         for value in &values {

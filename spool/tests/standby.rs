@@ -1,7 +1,7 @@
-//! The standby segment that the committer creates ahead of time: a
-//! roll-over takes it when it is ready, and a roll-over that cannot wait for
-//! it creates a later segment while the prepared one is deleted, so segment
-//! ids keep the order of their records.
+//! The standby segment that the committer creates ahead of time. A
+//! roll-over takes it when it is ready. A roll-over that cannot wait
+//! creates a later segment, and the prepared one is deleted, so segment ids
+//! keep the order of their records.
 
 mod common;
 

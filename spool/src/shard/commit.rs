@@ -350,8 +350,8 @@ fn prepare_standby<S: Storage + 'static>(inner: &Rc<Inner<S>>) {
     let header = match next_segment_header(inner, SpaceUse::NewMessage) {
         Ok(header) => header,
         Err(error) => {
-            // This repeats after every sync while the disk stays full, so
-            // it is logged at most once per interval.
+            // This fails again after every sync while the disk stays full,
+            // so the warning waits STANDBY_WARNING_INTERVAL between lines.
             let now = Instant::now();
             let due = inner
                 .standby_warned_at
