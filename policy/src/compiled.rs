@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::config::{Config, RuleConfig};
 use crate::domain::{DomainPattern, normalise_domain};
 use crate::error::ConfigError;
-use crate::suffix_table::{SuffixTable, TableEntry};
+use crate::suffix_table::{SlotSettings, SuffixTable, TableEntry};
 use crate::validate::{CheckedRule, Matcher, check_config};
 use crate::{Category, Lane, TlsMode};
 
@@ -118,12 +118,79 @@ pub(crate) struct RuleSource {
     pub matcher: Matcher,
 }
 
+/// The settings for one destination in one lane, as a lookup returns them.
+///
+/// The public fields are the settings that the delivery path reads for
+/// every message. A lookup copies them out of the table slot that matched,
+/// so reading them costs nothing beyond the lookup. The route, the retry
+/// schedule and the queue lifetime sit in the rule's full settings, one
+/// more read away: [`Rule::settings`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rule<'p> {
+    /// As [`EffectiveRule::rule_id`].
+    pub rule_id: u32,
+    pub tls: TlsMode,
+    pub rate_per_sec: Option<f64>,
+    pub burst: u32,
+    pub max_connections: u32,
+    pub max_messages_per_connection: u32,
+    pub hold: bool,
+    settings: &'p EffectiveRule,
+}
+
+impl<'p> Rule<'p> {
+    fn new(rule_id: u32, hot: SlotSettings, settings: &'p EffectiveRule) -> Rule<'p> {
+        Rule {
+            rule_id,
+            tls: hot.tls,
+            rate_per_sec: hot.rate_per_sec,
+            burst: hot.burst,
+            max_connections: hot.max_connections,
+            max_messages_per_connection: hot.max_messages_per_connection,
+            hold: hot.hold,
+            settings,
+        }
+    }
+
+    fn full(settings: &'p EffectiveRule) -> Rule<'p> {
+        Rule::new(settings.rule_id, SlotSettings::of(settings), settings)
+    }
+
+    /// Returns every setting of the rule in this lane.
+    pub fn settings(&self) -> &'p EffectiveRule {
+        self.settings
+    }
+
+    /// Returns the fixed next hop, or `None` to deliver to the MX hosts.
+    pub fn route(&self) -> Option<&'p Route> {
+        self.settings.route.as_ref()
+    }
+
+    pub fn max_queue_lifetime(&self) -> Duration {
+        self.settings.max_queue_lifetime
+    }
+}
+
+impl SlotSettings {
+    /// Returns the lane-independent part of `rule`.
+    fn of(rule: &EffectiveRule) -> SlotSettings {
+        SlotSettings {
+            tls: rule.tls,
+            rate_per_sec: rule.rate_per_sec,
+            burst: rule.burst,
+            max_connections: rule.max_connections,
+            max_messages_per_connection: rule.max_messages_per_connection,
+            hold: rule.hold,
+        }
+    }
+}
+
 /// The compiled delivery policy.
 ///
 /// `Policy` is immutable once built: the engine shares it behind an `Arc`
-/// and replaces the whole value on reload. Every lookup returns a reference
-/// into tables built by [`Policy::compile`], so the hot path allocates
-/// nothing and takes no locks.
+/// and replaces the whole value on reload. Every lookup reads tables built
+/// by [`Policy::compile`], so the hot path allocates nothing and takes no
+/// locks.
 ///
 /// A domain rule takes precedence over an MX rule: the engine calls
 /// [`Policy::for_mx_host`] only when [`Policy::for_domain`] returns the
@@ -134,26 +201,20 @@ pub(crate) struct RuleSource {
 /// not parse and check the TOML rules again.
 #[derive(Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Policy {
+    /// Domain rules. Each slot also carries its rule's [`SlotSettings`].
     recipient_domains: SuffixTable,
-    /// The settings of each slot of `recipient_domains`, at the slot's
-    /// index. Keeping them parallel to the slots, rather than indexed by
-    /// rule, lets a lookup fetch the slot and its settings at once.
-    recipient_rules: SlotRules,
     mx_hosts: SuffixTable,
-    /// The settings of each slot of `mx_hosts`, at the slot's index.
-    mx_rules: SlotRules,
     sender_domains: SuffixTable,
+    /// Every rule's settings in each lane, indexed by rule. A lookup only
+    /// computes an address in here; the caller reads it for the route,
+    /// the retry schedule or the queue lifetime.
+    pub(crate) rules: Vec<LaneRules>,
     defaults: LaneRules,
     pub(crate) sources: Vec<RuleSource>,
 }
 
 /// A rule's settings in each lane, indexed by `Lane as usize`.
 type LaneRules = [EffectiveRule; Lane::ALL.len()];
-
-/// The settings of each slot of a table, as `rules[lane as usize][slot]`.
-/// One array per lane keeps the memory a lookup in one lane touches at
-/// half of what interleaved lanes would take.
-type SlotRules = [Vec<EffectiveRule>; Lane::ALL.len()];
 
 /// Removes one trailing dot, which names from DNS answers may carry.
 fn without_root_dot(name: &str) -> &[u8] {
@@ -207,7 +268,7 @@ impl Policy {
                 .enumerate()
                 .filter(move |(_, (rule, _))| include(rule))
                 .filter_map(|(index, (_, checked_rule))| match &checked_rule.matcher {
-                    Matcher::Domain(pattern) => Some(entry(pattern, index)),
+                    Matcher::Domain(pattern) => Some(entry(pattern, index, &rule_settings)),
                     Matcher::MxHost(_) => None,
                 })
         };
@@ -220,13 +281,11 @@ impl Policy {
                 .map_err(duplicate)?;
         let mx_hosts = SuffixTable::build(checked.iter().enumerate().filter_map(
             |(index, checked_rule)| match &checked_rule.matcher {
-                Matcher::MxHost(pattern) => Some(entry(pattern, index)),
+                Matcher::MxHost(pattern) => Some(entry(pattern, index, &rule_settings)),
                 Matcher::Domain(_) => None,
             },
         ))
         .map_err(duplicate)?;
-        let recipient_rules = rules_by_slot(&recipient_domains, &rule_settings);
-        let mx_rules = rules_by_slot(&mx_hosts, &rule_settings);
 
         let sources = config
             .rules
@@ -239,10 +298,9 @@ impl Policy {
             .collect();
         Ok(Policy {
             recipient_domains,
-            recipient_rules,
             mx_hosts,
-            mx_rules,
             sender_domains,
+            rules: rule_settings,
             defaults,
             sources,
         })
@@ -253,19 +311,35 @@ impl Policy {
     ///
     /// `domain` must already be a lowercase A-label, as
     /// [`crate::normalise_domain`] returns; other forms match no rule.
-    pub fn for_domain(&self, domain: &str, lane: Lane) -> &EffectiveRule {
+    #[inline]
+    pub fn for_domain(&self, domain: &str, lane: Lane) -> Rule<'_> {
         match self.recipient_domains.lookup(without_root_dot(domain)) {
-            Some(slot_index) => &self.recipient_rules[lane as usize][slot_index],
-            None => self.defaults(lane),
+            Some(slot_index) => self.hit(&self.recipient_domains, slot_index, lane),
+            None => Rule::full(&self.defaults[lane as usize]),
         }
+    }
+
+    /// Returns the rule of an occupied slot of `table`. Reads the slot,
+    /// which the lookup has just read, and only computes the address of
+    /// the full settings.
+    #[inline]
+    fn hit(&self, table: &SuffixTable, slot_index: usize, lane: Lane) -> Rule<'_> {
+        let (rule_index, hot) = table.hit(slot_index);
+        // `check_tables` keeps every slot's rule index below the rule
+        // count, so the fallback is never taken. It avoids a panic path.
+        let settings = self
+            .rules
+            .get(rule_index as usize)
+            .map_or(&self.defaults[lane as usize], |rule| &rule[lane as usize]);
+        Rule::new(rule_index, hot, settings)
     }
 
     /// Returns the settings of the longest `mx` rule that matches an MX host
     /// name, in lowercase A-label form with or without the trailing dot.
-    pub fn for_mx_host(&self, host: &str, lane: Lane) -> Option<&EffectiveRule> {
+    pub fn for_mx_host(&self, host: &str, lane: Lane) -> Option<Rule<'_>> {
         self.mx_hosts
             .lookup(without_root_dot(host))
-            .map(|slot_index| &self.mx_rules[lane as usize][slot_index])
+            .map(|slot_index| self.hit(&self.mx_hosts, slot_index, lane))
     }
 
     /// Returns true when the config has `mx` rules, so that a caller can
@@ -275,8 +349,8 @@ impl Policy {
     }
 
     /// Returns the settings used when no rule matches.
-    pub fn defaults(&self, lane: Lane) -> &EffectiveRule {
-        &self.defaults[lane as usize]
+    pub fn defaults(&self, lane: Lane) -> Rule<'_> {
+        Rule::full(&self.defaults[lane as usize])
     }
 
     /// Returns the category forced on mail from `sender_domain` (a lowercase
@@ -308,27 +382,30 @@ impl Policy {
                 .check(rule_count)
                 .map_err(|problem| format!("{name} table: {problem}"))?;
         }
-        let slot_rules = [
-            (
-                "recipient domain",
-                &self.recipient_domains,
-                &self.recipient_rules,
-            ),
-            ("MX host", &self.mx_hosts, &self.mx_rules),
+        if self.rules.len() != rule_count {
+            return Err(format!(
+                "{} rule settings for {rule_count} rules",
+                self.rules.len()
+            ));
+        }
+        for (rule_index, rules) in self.rules.iter().enumerate() {
+            check_lane_rules(rules, rule_index as u32)
+                .map_err(|problem| format!("rule {rule_index}: {problem}"))?;
+        }
+        let slot_tables = [
+            ("recipient domain", &self.recipient_domains),
+            ("MX host", &self.mx_hosts),
         ];
-        for (name, table, rules) in slot_rules {
-            for (lane, lane_rules) in Lane::ALL.iter().zip(rules) {
-                if lane_rules.len() != table.slot_count() {
-                    return Err(format!(
-                        "{name} table: {} {} lane settings for {} slots",
-                        lane_rules.len(),
-                        lane.as_str(),
-                        table.slot_count()
-                    ));
-                }
-                for (slot_index, rule_index) in table.occupied_slots() {
-                    check_rule(*lane, &lane_rules[slot_index], rule_index)
-                        .map_err(|problem| format!("{name} table: slot {slot_index}: {problem}"))?;
+        for (name, table) in slot_tables {
+            for (slot_index, rule_index) in table.occupied_slots() {
+                let (_, stored) = table.hit(slot_index);
+                for (lane, rule) in Lane::ALL.iter().zip(&self.rules[rule_index as usize]) {
+                    if stored != SlotSettings::of(rule) {
+                        return Err(format!(
+                            "{name} table: slot {slot_index} carries settings that differ from rule {rule_index} in the {} lane",
+                            lane.as_str()
+                        ));
+                    }
                 }
             }
         }
@@ -350,42 +427,19 @@ impl Policy {
     }
 }
 
-fn entry(pattern: &DomainPattern, index: usize) -> TableEntry<'_> {
+/// Returns the table entry of rule `index`. Its slot carries the rule's
+/// lane-independent settings, taken from the first lane: [`merge`] sets
+/// them the same in every lane.
+fn entry<'a>(
+    pattern: &'a DomainPattern,
+    index: usize,
+    rule_settings: &[LaneRules],
+) -> TableEntry<'a> {
     TableEntry {
         name: &pattern.name,
         wildcard: pattern.wildcard,
         rule_index: index as u32,
-    }
-}
-
-/// Returns the settings for each slot of `table`, taken from
-/// `rule_settings` (indexed by rule). Empty slots hold [`vacant_rule`].
-fn rules_by_slot(table: &SuffixTable, rule_settings: &[LaneRules]) -> SlotRules {
-    Lane::ALL.map(|lane| {
-        let mut rules: Vec<EffectiveRule> =
-            (0..table.slot_count()).map(|_| vacant_rule()).collect();
-        for (slot_index, rule_index) in table.occupied_slots() {
-            rules[slot_index] = rule_settings[rule_index as usize][lane as usize].clone();
-        }
-        rules
-    })
-}
-
-/// Returns the placeholder for an empty slot, which no lookup returns. Its
-/// empty retry schedule allocates nothing, so empty slots cost only their
-/// inline size.
-fn vacant_rule() -> EffectiveRule {
-    EffectiveRule {
-        rule_id: DEFAULT_RULE_ID,
-        tls: TlsMode::None,
-        route: None,
-        rate_per_sec: None,
-        burst: 0,
-        max_connections: 0,
-        max_messages_per_connection: 0,
-        retry_schedule: Box::new([]),
-        max_queue_lifetime: Duration::ZERO,
-        hold: false,
+        settings: SlotSettings::of(&rule_settings[index][0]),
     }
 }
 

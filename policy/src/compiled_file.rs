@@ -9,7 +9,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic, `CDCSPOLC` |
-//! | 8 | 4 | format version, 2 |
+//! | 8 | 4 | format version, 3 |
 //! | 12 | 4 | CRC-32C of the archive |
 //! | 16 | 8 | archive length in bytes |
 //! | 24 | 4 | CRC-32C of bytes 0 to 23 |
@@ -33,12 +33,11 @@ use crate::compiled::Policy;
 use crate::file_io::write_atomically;
 
 const MAGIC: [u8; 8] = *b"CDCSPOLC";
-/// Bump whenever the archived layout of [`Policy`] changes. Version 2 has
-/// 64-byte suffix table slots with names inline and rule settings stored
-/// per slot. Version 1 had 24-byte slots and settings stored per rule.
-/// Storing the slots' pattern kind as a `u8` instead of a `bool` kept
-/// version 2, because rkyv archives both as the same byte.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// Bump whenever the archived layout of [`Policy`] changes. Version 3
+/// keeps each rule's per-message settings in its 64-byte slot and the rest
+/// per rule. Version 2 kept all settings in arrays parallel to the slots,
+/// and version 1 had 24-byte slots and settings per rule.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 const MAGIC_OFFSET: usize = 0;
 const VERSION_OFFSET: usize = MAGIC_OFFSET + 8;
@@ -226,54 +225,45 @@ mod tests {
 
         let error = Policy::open_compiled(&path).unwrap_err().to_string();
         assert!(
-            error.contains("format version 1 is not supported; this build reads version 2"),
+            error.contains("format version 1 is not supported; this build reads version 3"),
             "{error}"
         );
         assert!(error.contains("caduceus policy compile"), "{error}");
     }
 
     #[test]
-    fn open_version_2_file_with_bool_kind() {
+    fn open_rejects_version_2_file() {
         // tests/data/compiled-v2.bin was written by `caduceus policy compile`
-        // from tests/data/compiled-v2.toml when slots stored the pattern
-        // kind as a `bool`. The `u8` that replaced it archives to the same
-        // byte, so such files must still open and agree with a fresh
-        // compile.
+        // from tests/data/compiled-v2.toml, with settings in arrays beside
+        // the slots. Its archive would pass rkyv's checks as version 3, so
+        // the version field is what must stop it.
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("policy.compiled");
         std::fs::write(&path, include_bytes!("../tests/data/compiled-v2.bin")).unwrap();
-        let loaded = Policy::open_compiled(&path).unwrap();
+        let error = Policy::open_compiled(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("format version 2 is not supported; this build reads version 3"),
+            "{error}"
+        );
+        assert!(error.contains("caduceus policy compile"), "{error}");
+    }
 
-        let text = include_str!("../tests/data/compiled-v2.toml");
-        let compiled = Policy::compile(&parse_config(text, "compiled-v2.toml").unwrap()).unwrap();
-        assert_eq!(loaded.rule_count(), 4);
-
-        let long = "a-long-host-name-for-the-arena.mail.subdomain.example.health";
-        for lane in crate::Lane::ALL {
-            for domain in [
-                "a.example",
-                "x.tenant.example",
-                "tenant.example",
-                long,
-                "other.example",
-            ] {
-                assert_eq!(
-                    loaded.for_domain(domain, lane),
-                    compiled.for_domain(domain, lane),
-                    "{domain}"
-                );
-            }
-
-            assert_eq!(loaded.for_domain("a.example", lane).rule_id, 0);
-            assert_eq!(loaded.for_domain("x.tenant.example", lane).rule_id, 1);
-            assert_eq!(loaded.for_domain(long, lane).rule_id, 2);
-            assert_eq!(
-                loaded
-                    .for_mx_host("mx1.b.example", lane)
-                    .map(|rule| rule.rule_id),
-                Some(3)
-            );
-        }
+    #[test]
+    fn open_rejects_slot_settings_unlike_rule() {
+        // A slot whose settings disagree with its rule's must not load:
+        // lookups would then apply settings that no rule states.
+        let config = parse_config(CONFIG, "test.toml").unwrap();
+        let mut policy = Policy::compile(&config).unwrap();
+        policy.rules[0][0].max_connections += 1;
+        policy.rules[0][1].max_connections += 1;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("policy.compiled");
+        policy.write_compiled(&path).unwrap();
+        let error = Policy::open_compiled(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("slot") && error.contains("differ from rule 0"),
+            "{error}"
+        );
     }
 
     #[test]

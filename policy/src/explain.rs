@@ -57,7 +57,7 @@ impl Policy {
                 pattern.to_string()
             )?;
         }
-        self.write_settings(text, rule, lane)?;
+        self.write_settings(text, rule.settings(), lane)?;
         if let Some(rule_index) = self.sender_rule(domain) {
             let source = &self.sources[rule_index as usize];
             if let Some(category) = source.config.sender_category {

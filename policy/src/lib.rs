@@ -25,7 +25,7 @@ mod suffix_table;
 mod validate;
 
 pub use address::{AddressError, normalise_address};
-pub use compiled::{DEFAULT_RULE_ID, EffectiveRule, Policy, Route};
+pub use compiled::{DEFAULT_RULE_ID, EffectiveRule, Policy, Route, Rule};
 pub use compiled_file::CompiledPolicyError;
 pub use domain::{DomainError, normalise_domain};
 pub use error::{ConfigError, Location};

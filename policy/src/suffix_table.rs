@@ -10,18 +10,15 @@
 //! the running hash by a `*` label first, as if hashing `*.suffix`.
 //!
 //! Slots are 64 bytes, aligned to a cache line, and contain the hash, the
-//! rule index and the name. Names of up to [`INLINE_NAME_BYTES`] bytes are
-//! stored in the slot, so a hit reads one cache line of the table. A longer
-//! name is stored in an arena, and confirming it reads the arena too. Every
-//! hit is confirmed by comparing the whole name, so a hash collision costs
-//! one comparison and never a wrong match.
+//! rule index, the rule's per-message settings ([`SlotSettings`]) and the
+//! name. Names of up to [`INLINE_NAME_BYTES`] bytes are stored in the
+//! slot, so a hit reads one cache line of the table and nothing else. A
+//! longer name is stored in an arena, and confirming it reads the arena
+//! too. Every hit is confirmed by comparing the whole name, so a hash
+//! collision costs one comparison and never a wrong match.
 //!
-//! [`SuffixTable::lookup`] returns the index of the matching slot. Callers
-//! keep their per-rule data in an array parallel to the slots, so that the
-//! address of that data depends only on the slot index. Most keys sit in
-//! the slot their hash selects, so the CPU can fetch the slot and the
-//! caller's data for that slot at the same time instead of one after the
-//! other.
+//! [`SuffixTable::lookup`] returns the index of the matching slot, and
+//! [`SuffixTable::hit`] the rule index and settings stored there.
 //!
 //! The table is flat (slots and one byte arena, indexed by `u32`) so that it
 //! can be archived with rkyv.
@@ -36,15 +33,48 @@
 
 use zerocopy::FromBytes;
 
+use crate::TlsMode;
 use crate::huge_pages::huge_page_buffer;
 
 /// Maximum length in bytes of a name stored inside a slot. Longer names
 /// go to the arena.
-pub(crate) const INLINE_NAME_BYTES: usize = 46;
+pub(crate) const INLINE_NAME_BYTES: usize = 24;
 
-/// One key of the table, filling one cache line. Every byte pattern is a
-/// valid `Slot`, so slots can live in memory that starts as zeros, and the
-/// all-zero slot is [`EMPTY_SLOT`].
+/// The settings a slot carries for its rule: those that the delivery path
+/// reads for every message, and that are the same in every lane. Keeping
+/// them in the slot means a hit reads one cache line and no second array.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SlotSettings {
+    pub tls: TlsMode,
+    pub rate_per_sec: Option<f64>,
+    pub burst: u32,
+    pub max_connections: u32,
+    pub max_messages_per_connection: u32,
+    pub hold: bool,
+}
+
+impl SlotSettings {
+    /// The settings of an empty slot and of a table that carries none,
+    /// such as the sender domain table.
+    pub const NONE: SlotSettings = SlotSettings {
+        tls: TlsMode::None,
+        rate_per_sec: None,
+        burst: 0,
+        max_connections: 0,
+        max_messages_per_connection: 0,
+        hold: false,
+    };
+}
+
+/// Bits of [`Slot::flags`].
+const FLAG_HOLD: u8 = 1;
+const FLAG_RATE: u8 = 2;
+const KNOWN_FLAGS: u8 = FLAG_HOLD | FLAG_RATE;
+
+/// One key of the table and its rule's per-message settings, filling one
+/// cache line. Every byte pattern is a valid `Slot`, so slots can live in
+/// memory that starts as zeros, and the all-zero slot is [`EMPTY_SLOT`].
+/// [`SuffixTable::check`] rejects the patterns that do not decode.
 #[derive(
     Clone,
     Copy,
@@ -65,12 +95,20 @@ struct Slot {
     /// Offset of the name in the arena when it is longer than
     /// [`INLINE_NAME_BYTES`], otherwise 0.
     long_name_offset: u32,
+    /// Messages per second; meaningful only with [`FLAG_RATE`] set.
+    rate_per_sec: f64,
+    burst: u32,
+    max_connections: u32,
+    max_messages_per_connection: u32,
     /// Zero marks an empty slot; stored names are never empty.
     name_length: u8,
     /// 1 when the key is `*.name` rather than `name`, else 0. A `u8` rather
-    /// than a `bool` so that every byte pattern is a valid slot; rkyv
-    /// archives both as the same byte.
+    /// than a `bool` so that every byte pattern is a valid slot.
     wildcard: u8,
+    /// A [`TlsMode`] as its `repr(u8)` value.
+    tls: u8,
+    /// [`FLAG_HOLD`] and [`FLAG_RATE`].
+    flags: u8,
     /// The name when it fits, followed by zeros; all zeros otherwise.
     inline_name: [u8; INLINE_NAME_BYTES],
 }
@@ -81,10 +119,48 @@ const EMPTY_SLOT: Slot = Slot {
     hash: 0,
     rule_index: 0,
     long_name_offset: 0,
+    rate_per_sec: 0.0,
+    burst: 0,
+    max_connections: 0,
+    max_messages_per_connection: 0,
     name_length: 0,
     wildcard: 0,
+    tls: 0,
+    flags: 0,
     inline_name: [0; INLINE_NAME_BYTES],
 };
+
+impl Slot {
+    fn set_settings(&mut self, settings: &SlotSettings) {
+        self.tls = settings.tls as u8;
+        self.rate_per_sec = settings.rate_per_sec.unwrap_or(0.0);
+        self.burst = settings.burst;
+        self.max_connections = settings.max_connections;
+        self.max_messages_per_connection = settings.max_messages_per_connection;
+        self.flags = if settings.hold { FLAG_HOLD } else { 0 }
+            | if settings.rate_per_sec.is_some() {
+                FLAG_RATE
+            } else {
+                0
+            };
+    }
+
+    /// Decodes the settings. Returns `None` when the TLS byte or the flags
+    /// contain a value that no compiler writes, which only a damaged file has.
+    fn settings(&self) -> Option<SlotSettings> {
+        if self.flags & !KNOWN_FLAGS != 0 {
+            return None;
+        }
+        Some(SlotSettings {
+            tls: TlsMode::from_u8(self.tls)?,
+            rate_per_sec: (self.flags & FLAG_RATE != 0).then_some(self.rate_per_sec),
+            burst: self.burst,
+            max_connections: self.max_connections,
+            max_messages_per_connection: self.max_messages_per_connection,
+            hold: self.flags & FLAG_HOLD != 0,
+        })
+    }
+}
 
 /// Patterns compiled into a lookup table; see the module documentation.
 #[derive(Clone, Debug, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -340,6 +416,7 @@ pub(crate) struct TableEntry<'a> {
     pub name: &'a str,
     pub wildcard: bool,
     pub rule_index: u32,
+    pub settings: SlotSettings,
 }
 
 impl SuffixTable {
@@ -347,12 +424,6 @@ impl SuffixTable {
     /// patterns has. Takes constant time, unlike counting occupied slots.
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
-    }
-
-    /// Returns the number of slots, empty ones included. Callers size their
-    /// arrays parallel to the slots with it.
-    pub fn slot_count(&self) -> usize {
-        self.slots.len()
     }
 
     /// Returns the index and rule index of every occupied slot.
@@ -368,6 +439,24 @@ impl SuffixTable {
     /// [`SuffixTable::lookup`].
     pub fn rule_index(&self, slot_index: usize) -> u32 {
         self.slots[slot_index].rule_index
+    }
+
+    /// Returns the rule index and the settings stored in an occupied slot,
+    /// as returned by [`SuffixTable::lookup`]. Both come from the cache line
+    /// that the lookup has just read.
+    ///
+    /// A slot whose settings do not decode never reaches here from a file,
+    /// because [`SuffixTable::check`] rejects it. Should one appear anyway,
+    /// it reads as verified TLS and held mail, the most cautious settings.
+    #[inline]
+    pub fn hit(&self, slot_index: usize) -> (u32, SlotSettings) {
+        let slot = &self.slots[slot_index];
+        let settings = slot.settings().unwrap_or(SlotSettings {
+            tls: TlsMode::Verified,
+            hold: true,
+            ..SlotSettings::NONE
+        });
+        (slot.rule_index, settings)
     }
 
     /// Builds the table. Returns the two rule indexes of the first duplicate
@@ -416,6 +505,7 @@ impl SuffixTable {
             wildcard: u8::from(entry.wildcard),
             ..EMPTY_SLOT
         };
+        slot.set_settings(&entry.settings);
         if name.len() <= INLINE_NAME_BYTES {
             slot.inline_name[..name.len()].copy_from_slice(name);
         } else {
@@ -532,6 +622,12 @@ impl SuffixTable {
                     slot.wildcard
                 ));
             }
+            if slot.settings().is_none() {
+                return Err(format!(
+                    "slot {index} has TLS mode {} or flags {:#04x}, which this build does not know",
+                    slot.tls, slot.flags
+                ));
+            }
             let wildcard = slot.wildcard == 1;
             if key_hash(name, wildcard) != slot.hash
                 || self.find(slot.hash, name, wildcard) != Some(index)
@@ -626,6 +722,7 @@ mod tests {
                 name,
                 wildcard,
                 rule_index: index as u32,
+                settings: SlotSettings::NONE,
             }
         }))
         .unwrap()
@@ -809,6 +906,7 @@ mod tests {
             name,
             wildcard: false,
             rule_index: index as u32,
+            settings: SlotSettings::NONE,
         }))
         .unwrap();
         assert!(matches!(large.slots, SlotArray::HugePages(_)));
@@ -919,7 +1017,7 @@ mod tests {
         patterns.push(&wildcard_last);
         patterns.push(&wildcard_first);
         let table = table(&patterns);
-        assert_eq!(table.slot_count(), 16);
+        assert_eq!(table.slots.len(), 16);
         assert_eq!(table.check(patterns.len()), Ok(()));
         assert_eq!(table.slots[15].name_length as usize, last_slot[0].len());
         for (index, name) in last_slot.iter().chain(&first_slot).enumerate() {
@@ -944,6 +1042,7 @@ mod tests {
             name,
             wildcard: false,
             rule_index: index as u32,
+            settings: SlotSettings::NONE,
         }))
         .unwrap();
         for name in &names {
@@ -1004,6 +1103,7 @@ mod tests {
                 name,
                 wildcard,
                 rule_index: index as u32,
+                settings: SlotSettings::NONE,
             }
         }));
         assert_eq!(result.err(), Some((0, 2)));
@@ -1016,6 +1116,7 @@ mod tests {
             name,
             wildcard: false,
             rule_index: index as u32,
+            settings: SlotSettings::NONE,
         }))
         .unwrap();
         for (index, name) in names.iter().enumerate() {

@@ -118,6 +118,18 @@ pub enum TlsMode {
 }
 
 impl TlsMode {
+    /// Returns the mode whose `repr(u8)` value is `value`.
+    pub fn from_u8(value: u8) -> Option<TlsMode> {
+        match value {
+            0 => Some(TlsMode::None),
+            1 => Some(TlsMode::Opportunistic),
+            2 => Some(TlsMode::OpportunisticFallback),
+            3 => Some(TlsMode::Required),
+            4 => Some(TlsMode::Verified),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TlsMode::None => "none",

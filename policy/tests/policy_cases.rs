@@ -215,7 +215,7 @@ fn mx_cases() {
             )
             .unwrap();
         assert!(
-            std::ptr::eq(shared_a, shared_b),
+            std::ptr::eq(shared_a.settings(), shared_b.settings()),
             "domains on one MX share one rule"
         );
         assert_eq!(shared_a.max_connections, 4);
@@ -230,31 +230,34 @@ fn effective_settings_merge_defaults() {
         let defaults = policy.for_domain("unrelated.example", Lane::Transactional);
         assert_eq!(defaults.rule_id, DEFAULT_RULE_ID);
         assert_eq!(defaults.tls, TlsMode::Opportunistic);
-        assert_eq!(defaults.route, None);
+        assert_eq!(defaults.route(), None);
         assert_eq!(defaults.rate_per_sec, None);
         assert_eq!(defaults.burst, 0);
         assert_eq!(defaults.max_connections, 8);
         assert_eq!(defaults.max_messages_per_connection, 100);
         assert_eq!(
-            &*defaults.retry_schedule,
+            &*defaults.settings().retry_schedule,
             &[Duration::from_secs(10), Duration::from_secs(60)]
         );
-        assert_eq!(defaults.max_queue_lifetime, Duration::from_secs(86_400));
+        assert_eq!(defaults.max_queue_lifetime(), Duration::from_secs(86_400));
         assert!(!defaults.hold);
 
         let bulk_defaults = policy.for_domain("unrelated.example", Lane::Bulk);
         assert_eq!(
-            &*bulk_defaults.retry_schedule,
+            &*bulk_defaults.settings().retry_schedule,
             &[Duration::from_secs(300), Duration::from_secs(3600)]
         );
         assert_eq!(
-            bulk_defaults.max_queue_lifetime,
+            bulk_defaults.max_queue_lifetime(),
             Duration::from_secs(5 * 86_400)
         );
 
         let partner = policy.for_domain("partner.example", Lane::Bulk);
         assert_eq!(partner.tls, TlsMode::Verified);
-        assert_eq!(partner.max_queue_lifetime, Duration::from_secs(5 * 86_400));
+        assert_eq!(
+            partner.max_queue_lifetime(),
+            Duration::from_secs(5 * 86_400)
+        );
 
         let wildcard = policy.for_domain("a.example.net", Lane::Bulk);
         assert_eq!(wildcard.rate_per_sec, Some(2.5));
@@ -274,20 +277,23 @@ fn effective_settings_merge_defaults() {
         );
 
         let munich = policy.for_domain("praxis.xn--mnchen-3ya.example", Lane::Transactional);
-        assert_eq!(&*munich.retry_schedule, &[Duration::from_secs(30)]);
-        assert_eq!(munich.max_queue_lifetime, Duration::from_secs(7200));
+        assert_eq!(
+            &*munich.settings().retry_schedule,
+            &[Duration::from_secs(30)]
+        );
+        assert_eq!(munich.max_queue_lifetime(), Duration::from_secs(7200));
 
         let lab = policy.for_domain("lab.example", Lane::Transactional);
         assert_eq!(
-            lab.route,
-            Some(Route::Addr("[2001:db8::25]:25".parse().unwrap()))
+            lab.route(),
+            Some(&Route::Addr("[2001:db8::25]:25".parse().unwrap()))
         );
         assert_eq!(lab.max_messages_per_connection, 5);
 
         let relay = policy.for_mx_host("mx1.example.org", Lane::Bulk).unwrap();
         assert_eq!(
-            relay.route,
-            Some(Route::Host {
+            relay.route(),
+            Some(&Route::Host {
                 host: "relay.example-health.org".to_string(),
                 port: 2525
             })

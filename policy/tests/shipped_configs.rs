@@ -19,7 +19,7 @@ fn example_config_parses_and_compiles() {
     assert!(
         policy
             .for_domain("example-health.org", Lane::Bulk)
-            .route
+            .route()
             .is_some()
     );
     assert_eq!(

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use caduceus_policy::lists::{self, Change, ChangeOp, Reason};
-use caduceus_policy::{DEFAULT_RULE_ID, EffectiveRule, Lane, Policy, Route};
+use caduceus_policy::{DEFAULT_RULE_ID, EffectiveRule, Lane, Policy, Route, Rule};
 use caduceus_spool::{
     CommitSeq, Envelope, MessageId, Outcome, ReadError, Recipient, RecipientState, RecordRef,
     StoredMessage, notify,
@@ -128,12 +128,12 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             break;
         }
         let now = now_us();
-        let lifetime_us = rule.max_queue_lifetime.as_micros() as u64;
+        let lifetime_us = rule.max_queue_lifetime().as_micros() as u64;
         let expires_at = envelope
             .expires_at_us
             .min(envelope.received_at_us.saturating_add(lifetime_us));
         if now >= expires_at {
-            expire(&shard, &item, &envelope, &attempts, rule);
+            expire(&shard, &item, &envelope, &attempts, rule.settings());
             continue;
         }
         pace(&shard, &domain, rule, site).await;
@@ -168,7 +168,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             &envelope,
             &attempts,
             &stored.body,
-            rule,
+            rule.settings(),
             results,
         );
         if let Some(open) = &connection
@@ -208,7 +208,7 @@ async fn rule_for<'p>(
     policy: &'p Policy,
     domain: &str,
     lane: Lane,
-) -> (&'p EffectiveRule, Option<u32>) {
+) -> (Rule<'p>, Option<u32>) {
     let rule = policy.for_domain(domain, lane);
     if rule.rule_id != DEFAULT_RULE_ID || !policy.has_mx_rules() {
         return (rule, None);
@@ -225,7 +225,7 @@ async fn rule_for<'p>(
 /// Waits for the destination's token bucket when its rule sets a rate, or
 /// for the bucket of its MX site (`site`, an `mx` rule's id). The bucket's
 /// rate is the rule's rate scaled by the destination's backoff factor.
-async fn pace(shard: &Shard, domain: &str, rule: &EffectiveRule, site: Option<u32>) {
+async fn pace(shard: &Shard, domain: &str, rule: Rule<'_>, site: Option<u32>) {
     let Some(rate) = rule.rate_per_sec else {
         return;
     };
@@ -261,7 +261,7 @@ async fn pace(shard: &Shard, domain: &str, rule: &EffectiveRule, site: Option<u3
 
 /// Cuts the destination's limits on push-back replies and raises them
 /// again after successful deliveries, logging each change.
-fn adjust_backoff(shard: &Shard, domain: &str, rule: &EffectiveRule, results: &ItemResults) {
+fn adjust_backoff(shard: &Shard, domain: &str, rule: Rule<'_>, results: &ItemResults) {
     let patterns = &shard.config.delivery.push_back_patterns;
     let now = Instant::now();
     let mut queue = shard.queue.borrow_mut();
@@ -555,7 +555,7 @@ struct ItemResults {
 async fn deliver_item(
     shard: &Rc<Shard>,
     domain: &str,
-    rule: &EffectiveRule,
+    rule: Rule<'_>,
     envelope: &Envelope,
     body: &[u8],
     item: &WorkItem,
@@ -708,7 +708,7 @@ impl ConnectFailure {
 async fn targets(
     shard: &Shard,
     domain: &str,
-    rule: &EffectiveRule,
+    rule: Rule<'_>,
 ) -> Result<Vec<(String, Vec<SocketAddr>)>, ConnectFailure> {
     let port = shard.config.delivery.smtp_port;
     let dns_failure = |error: DnsError, name: &str| ConnectFailure {
@@ -716,7 +716,7 @@ async fn targets(
         permanent: error.is_permanent(),
         remote: RemoteInfo::default(),
     };
-    match &rule.route {
+    match rule.route() {
         Some(Route::Addr(addr)) => Ok(vec![(addr.ip().to_string(), vec![*addr])]),
         Some(Route::Host { host, port }) => {
             let addrs = shard
@@ -767,7 +767,7 @@ async fn targets(
 async fn connect(
     shard: &Rc<Shard>,
     domain: &str,
-    rule: &EffectiveRule,
+    rule: Rule<'_>,
     lane: Lane,
 ) -> Result<Connection, ConnectFailure> {
     let targets = targets(shard, domain, rule).await?;
