@@ -109,6 +109,13 @@ pub struct EffectiveRule {
     pub max_queue_lifetime: Duration,
     /// Deliveries wait until an operator releases them.
     pub hold: bool,
+    /// False when the rule's `lanes` leaves out this lane: recipients get
+    /// `550 5.7.1` at RCPT, and queued mail waits as if held.
+    pub lane_allowed: bool,
+    /// Source addresses for connections in this lane: the rule's
+    /// `source_addresses` that are in the lane's pool, in the rule's order.
+    /// Empty means the lane's own `source_addresses`.
+    pub source_addresses: Box<[IpAddr]>,
 }
 
 /// A compiled rule's description, kept for `explain`.
@@ -135,12 +142,15 @@ pub struct Rule<'p> {
     pub max_connections: u32,
     pub max_messages_per_connection: u32,
     pub hold: bool,
+    /// As [`EffectiveRule::lane_allowed`], for the lane of the lookup.
+    pub lane_allowed: bool,
     settings: &'p EffectiveRule,
 }
 
 impl<'p> Rule<'p> {
-    fn new(rule_id: u32, hot: SlotSettings, settings: &'p EffectiveRule) -> Rule<'p> {
+    fn new(rule_id: u32, hot: SlotSettings, lane: Lane, settings: &'p EffectiveRule) -> Rule<'p> {
         Rule {
+            lane_allowed: hot.barred_lanes & lane_bit(lane) == 0,
             rule_id,
             tls: hot.tls,
             rate_per_sec: hot.rate_per_sec,
@@ -153,7 +163,14 @@ impl<'p> Rule<'p> {
     }
 
     fn full(settings: &'p EffectiveRule) -> Rule<'p> {
-        Rule::new(settings.rule_id, SlotSettings::of(settings), settings)
+        let mut rule = Rule::new(
+            settings.rule_id,
+            SlotSettings::of(std::slice::from_ref(settings)),
+            Lane::Transactional,
+            settings,
+        );
+        rule.lane_allowed = settings.lane_allowed;
+        rule
     }
 
     /// Returns every setting of the rule in this lane.
@@ -171,10 +188,24 @@ impl<'p> Rule<'p> {
     }
 }
 
+/// Returns the bit of `lane` in [`SlotSettings::barred_lanes`].
+fn lane_bit(lane: Lane) -> u8 {
+    1 << lane as u8
+}
+
 impl SlotSettings {
-    /// Returns the lane-independent part of `rule`.
-    fn of(rule: &EffectiveRule) -> SlotSettings {
+    /// Returns the slot settings of a rule, given its settings in each lane
+    /// (`LaneRules`), or in one. The fields other than the lane mask are
+    /// the same in every lane, so the first lane's are taken.
+    fn of(lanes: &[EffectiveRule]) -> SlotSettings {
+        let rule = &lanes[0];
+        let barred_lanes = Lane::ALL
+            .iter()
+            .zip(lanes)
+            .filter(|(_, settings)| !settings.lane_allowed)
+            .fold(0, |mask, (lane, _)| mask | lane_bit(*lane));
         SlotSettings {
+            barred_lanes,
             tls: rule.tls,
             rate_per_sec: rule.rate_per_sec,
             burst: rule.burst,
@@ -331,7 +362,7 @@ impl Policy {
             .rules
             .get(rule_index as usize)
             .map_or(&self.defaults[lane as usize], |rule| &rule[lane as usize]);
-        Rule::new(rule_index, hot, settings)
+        Rule::new(rule_index, hot, lane, settings)
     }
 
     /// Returns the settings of the longest `mx` rule that matches an MX host
@@ -399,13 +430,10 @@ impl Policy {
         for (name, table) in slot_tables {
             for (slot_index, rule_index) in table.occupied_slots() {
                 let (_, stored) = table.hit(slot_index);
-                for (lane, rule) in Lane::ALL.iter().zip(&self.rules[rule_index as usize]) {
-                    if stored != SlotSettings::of(rule) {
-                        return Err(format!(
-                            "{name} table: slot {slot_index} carries settings that differ from rule {rule_index} in the {} lane",
-                            lane.as_str()
-                        ));
-                    }
+                if stored != SlotSettings::of(&self.rules[rule_index as usize]) {
+                    return Err(format!(
+                        "{name} table: slot {slot_index} carries settings that differ from rule {rule_index}"
+                    ));
                 }
             }
         }
@@ -427,9 +455,8 @@ impl Policy {
     }
 }
 
-/// Returns the table entry of rule `index`. Its slot carries the rule's
-/// lane-independent settings, taken from the first lane: [`merge`] sets
-/// them the same in every lane.
+/// Returns the table entry of rule `index`, whose slot carries the rule's
+/// [`SlotSettings`].
 fn entry<'a>(
     pattern: &'a DomainPattern,
     index: usize,
@@ -439,7 +466,7 @@ fn entry<'a>(
         name: &pattern.name,
         wildcard: pattern.wildcard,
         rule_index: index as u32,
-        settings: SlotSettings::of(&rule_settings[index][0]),
+        settings: SlotSettings::of(&rule_settings[index]),
     }
 }
 
@@ -498,6 +525,8 @@ fn merge(
             retry_schedule: lane_schedule(),
             max_queue_lifetime: lane_config.max_queue_lifetime.get(),
             hold: false,
+            lane_allowed: true,
+            source_addresses: Box::new([]),
         };
     };
     EffectiveRule {
@@ -521,5 +550,16 @@ fn merge(
             .unwrap_or(lane_config.max_queue_lifetime)
             .get(),
         hold: rule.hold.unwrap_or(false),
+        lane_allowed: rule
+            .lanes
+            .as_ref()
+            .is_none_or(|lanes| lanes.contains(&lane)),
+        source_addresses: rule
+            .source_addresses
+            .iter()
+            .flatten()
+            .filter(|address| lane_config.source_addresses.contains(address))
+            .copied()
+            .collect(),
     }
 }

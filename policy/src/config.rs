@@ -562,6 +562,12 @@ pub struct RuleConfig {
     pub hold: Option<bool>,
     /// Category forced on mail from this sender domain.
     pub sender_category: Option<Category>,
+    /// The lanes whose mail may go to this destination, or `None` for all.
+    /// Recipients in another lane get `550 5.7.1` at RCPT.
+    pub lanes: Option<Vec<Lane>>,
+    /// Source addresses for connections to this destination, in place of
+    /// the lane's. Each lane uses those of them in its own pool.
+    pub source_addresses: Option<Vec<IpAddr>>,
 }
 
 impl RuleConfig {
@@ -578,6 +584,8 @@ impl RuleConfig {
             || self.retry_schedule.is_some()
             || self.max_queue_lifetime.is_some()
             || self.hold.is_some()
+            || self.lanes.is_some()
+            || self.source_addresses.is_some()
     }
 }
 

@@ -178,6 +178,36 @@ impl Policy {
             "  hold = {} ({})",
             rule.hold,
             from(set(|r| r.hold.is_some()), "default")
-        )
+        )?;
+        if rule.lane_allowed {
+            writeln!(
+                text,
+                "  lanes: the {} lane may send here ({})",
+                lane.as_str(),
+                from(set(|r| r.lanes.is_some()), "default")
+            )?;
+        } else {
+            writeln!(
+                text,
+                "  lanes: the {} lane may not send here, so recipients get 550 5.7.1 at RCPT (rule[{}])",
+                lane.as_str(),
+                rule.rule_id
+            )?;
+        }
+        if rule.source_addresses.is_empty() {
+            writeln!(text, "  source_addresses: those of {lane_key}")
+        } else {
+            let addresses: Vec<String> = rule
+                .source_addresses
+                .iter()
+                .map(|address| address.to_string())
+                .collect();
+            writeln!(
+                text,
+                "  source_addresses = [{}] (rule[{}], those also in {lane_key}.source_addresses)",
+                addresses.join(", "),
+                rule.rule_id
+            )
+        }
     }
 }

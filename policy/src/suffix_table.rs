@@ -45,6 +45,9 @@ pub(crate) const INLINE_NAME_BYTES: usize = 24;
 /// them in the slot means a hit reads one cache line and no second array.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct SlotSettings {
+    /// One bit per lane, `1 << lane`, set for each lane that the rule's
+    /// `lanes` leaves out.
+    pub barred_lanes: u8,
     pub tls: TlsMode,
     pub rate_per_sec: Option<f64>,
     pub burst: u32,
@@ -57,6 +60,7 @@ impl SlotSettings {
     /// The settings of an empty slot and of a table that carries none,
     /// such as the sender domain table.
     pub const NONE: SlotSettings = SlotSettings {
+        barred_lanes: 0,
         tls: TlsMode::None,
         rate_per_sec: None,
         burst: 0,
@@ -69,7 +73,10 @@ impl SlotSettings {
 /// Bits of [`Slot::flags`].
 const FLAG_HOLD: u8 = 1;
 const FLAG_RATE: u8 = 2;
-const KNOWN_FLAGS: u8 = FLAG_HOLD | FLAG_RATE;
+/// The lowest bit of [`SlotSettings::barred_lanes`], whose bits follow.
+const BARRED_LANES_SHIFT: u32 = 2;
+const BARRED_LANES_MASK: u8 = 0b11 << BARRED_LANES_SHIFT;
+const KNOWN_FLAGS: u8 = FLAG_HOLD | FLAG_RATE | BARRED_LANES_MASK;
 
 /// One key of the table and its rule's per-message settings, filling one
 /// cache line. Every byte pattern is a valid `Slot`, so slots can live in
@@ -107,7 +114,7 @@ struct Slot {
     wildcard: u8,
     /// A [`TlsMode`] as its `repr(u8)` value.
     tls: u8,
-    /// [`FLAG_HOLD`] and [`FLAG_RATE`].
+    /// [`FLAG_HOLD`], [`FLAG_RATE`] and the barred lanes.
     flags: u8,
     /// The name when it fits, followed by zeros; all zeros otherwise.
     inline_name: [u8; INLINE_NAME_BYTES],
@@ -137,12 +144,14 @@ impl Slot {
         self.burst = settings.burst;
         self.max_connections = settings.max_connections;
         self.max_messages_per_connection = settings.max_messages_per_connection;
-        self.flags = if settings.hold { FLAG_HOLD } else { 0 }
-            | if settings.rate_per_sec.is_some() {
-                FLAG_RATE
-            } else {
-                0
-            };
+        let mut flags = (settings.barred_lanes << BARRED_LANES_SHIFT) & BARRED_LANES_MASK;
+        if settings.hold {
+            flags |= FLAG_HOLD;
+        }
+        if settings.rate_per_sec.is_some() {
+            flags |= FLAG_RATE;
+        }
+        self.flags = flags;
     }
 
     /// Decodes the settings. Returns `None` when the TLS byte or the flags
@@ -152,6 +161,7 @@ impl Slot {
             return None;
         }
         Some(SlotSettings {
+            barred_lanes: (self.flags & BARRED_LANES_MASK) >> BARRED_LANES_SHIFT,
             tls: TlsMode::from_u8(self.tls)?,
             rate_per_sec: (self.flags & FLAG_RATE != 0).then_some(self.rate_per_sec),
             burst: self.burst,

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::Lane;
 use crate::compiled::Route;
-use crate::config::{Config, LaneConfig, RuleConfig, SPOOL_ENVELOPE_HEADROOM_BYTES};
+use crate::config::{Config, LaneConfig, LanesConfig, RuleConfig, SPOOL_ENVELOPE_HEADROOM_BYTES};
 use crate::domain::{DomainPattern, check_host_name};
 use crate::duration::ConfigDuration;
 
@@ -108,7 +108,7 @@ pub(crate) fn check_config(
     check_delivery(config, &mut issues);
     check_dns(config, &mut issues);
     check_spool(config, &mut issues);
-    let rules = check_rules(&config.rules, &mut issues);
+    let rules = check_rules(&config.rules, &config.lanes, &mut issues);
     if issues.is_empty() {
         Ok(rules)
     } else {
@@ -439,7 +439,11 @@ fn check_spool(config: &Config, issues: &mut Vec<Issue>) {
     );
 }
 
-fn check_rules(rules: &[RuleConfig], issues: &mut Vec<Issue>) -> Vec<CheckedRule> {
+fn check_rules(
+    rules: &[RuleConfig],
+    lanes: &LanesConfig,
+    issues: &mut Vec<Issue>,
+) -> Vec<CheckedRule> {
     if rules.len() > MAX_RULES {
         issue(
             issues,
@@ -479,6 +483,7 @@ fn check_rules(rules: &[RuleConfig], issues: &mut Vec<Issue>) -> Vec<CheckedRule
                 "applies to sender domains, so it needs `domain`, not `mx`; move it to a rule with domain = \"...\"",
             );
         }
+        check_rule_lanes(rule, is_mx, lanes, &path, issues);
         let route = check_rule_settings(rule, &path, issues);
         let burst = check_rate(rule, &path, issues);
         checked.push(CheckedRule {
@@ -488,6 +493,91 @@ fn check_rules(rules: &[RuleConfig], issues: &mut Vec<Issue>) -> Vec<CheckedRule
         });
     }
     checked
+}
+
+/// Checks a rule's `lanes` and `source_addresses`. Each lane the rule
+/// allows must find at least one of the rule's addresses in its own pool,
+/// so that the lanes keep separate source addresses.
+fn check_rule_lanes(
+    rule: &RuleConfig,
+    is_mx: bool,
+    lanes_config: &LanesConfig,
+    path: &KeyPath,
+    issues: &mut Vec<Issue>,
+) {
+    if let Some(lanes) = &rule.lanes {
+        if is_mx {
+            issue(
+                issues,
+                path.key("lanes"),
+                "is checked when a recipient is accepted, before any MX lookup, so it needs `domain`, not `mx`; move it to a rule with domain = \"...\"",
+            );
+        }
+        if lanes.is_empty() {
+            issue(
+                issues,
+                path.key("lanes"),
+                "is empty, so no mail could go to this destination; list at least one lane, or set hold = true to stop deliveries",
+            );
+        }
+        for (index, lane) in lanes.iter().enumerate() {
+            if lanes[..index].contains(lane) {
+                issue(
+                    issues,
+                    path.key("lanes").index(index),
+                    format!("lists {} twice; remove one", lane.as_str()),
+                );
+            }
+        }
+    }
+    let Some(addresses) = &rule.source_addresses else {
+        return;
+    };
+    if addresses.is_empty() {
+        issue(
+            issues,
+            path.key("source_addresses"),
+            "is empty; list addresses, or remove the key to use each lane's source_addresses",
+        );
+        return;
+    }
+    let allowed: Vec<Lane> = match &rule.lanes {
+        Some(lanes) => lanes.clone(),
+        None => Lane::ALL.to_vec(),
+    };
+    for (index, address) in addresses.iter().enumerate() {
+        if addresses[..index].contains(address) {
+            issue(
+                issues,
+                path.key("source_addresses").index(index),
+                format!("lists {address} twice; remove one"),
+            );
+        } else if !allowed
+            .iter()
+            .any(|lane| lanes_config.get(*lane).source_addresses.contains(address))
+        {
+            issue(
+                issues,
+                path.key("source_addresses").index(index),
+                format!(
+                    "{address} is in the source_addresses of no lane this rule allows, so no connection would use it; add it to such a lane's source_addresses or remove it here"
+                ),
+            );
+        }
+    }
+    for lane in allowed {
+        let pool = &lanes_config.get(lane).source_addresses;
+        if !addresses.iter().any(|address| pool.contains(address)) {
+            issue(
+                issues,
+                path.key("source_addresses"),
+                format!(
+                    "contains no address of lanes.{0}.source_addresses, so {0} mail to this destination would have no source address; add one of them to that list, or set lanes to leave out {0}",
+                    lane.as_str()
+                ),
+            );
+        }
+    }
 }
 
 fn check_matcher(rule: &RuleConfig, path: &KeyPath, issues: &mut Vec<Issue>) -> Option<Matcher> {

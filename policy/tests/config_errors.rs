@@ -449,3 +449,70 @@ fn segment_without_message_room_rejected() {
     let config = parse_config("[spool]\nsegment_size_bytes = 65537\n", "caduceus.toml").unwrap();
     assert_eq!(config.effective_max_message_size_bytes(), 1);
 }
+
+const LANE_POOLS: &str = "[lanes.transactional]\nsource_addresses = [\"192.0.2.10\"]\n\n[lanes.bulk]\nsource_addresses = [\"192.0.2.20\"]\n\n";
+
+#[test]
+fn rule_lanes_on_mx_rule() {
+    assert_error(
+        "[[rule]]\nmx = \"*.mx.example.net\"\nlanes = [\"bulk\"]\n",
+        3,
+        9,
+        &["lanes", "needs `domain`, not `mx`"],
+    );
+}
+
+#[test]
+fn rule_lanes_empty() {
+    assert_error(
+        "[[rule]]\ndomain = \"example.com\"\nlanes = []\n",
+        3,
+        9,
+        &["is empty", "hold = true"],
+    );
+}
+
+#[test]
+fn rule_lanes_unknown_lane() {
+    assert_error(
+        "[[rule]]\ndomain = \"example.com\"\nlanes = [\"marketing\"]\n",
+        3,
+        10,
+        &["marketing", "transactional", "bulk"],
+    );
+}
+
+#[test]
+fn rule_source_address_in_no_lane() {
+    let text = format!(
+        "{LANE_POOLS}[[rule]]\ndomain = \"example.com\"\nsource_addresses = [\"192.0.2.10\", \"192.0.2.99\", \"192.0.2.20\"]\n"
+    );
+    assert_error(
+        &text,
+        9,
+        35,
+        &["192.0.2.99", "in the source_addresses of no lane"],
+    );
+}
+
+#[test]
+fn rule_source_addresses_miss_lane_pool() {
+    let text = format!(
+        "{LANE_POOLS}[[rule]]\ndomain = \"example.com\"\nsource_addresses = [\"192.0.2.10\"]\n"
+    );
+    assert_error(
+        &text,
+        9,
+        20,
+        &["lanes.bulk.source_addresses", "set lanes to leave out bulk"],
+    );
+}
+
+#[test]
+fn rule_source_addresses_for_allowed_lane() {
+    // A rule limited to the transactional lane needs no bulk address.
+    let text = format!(
+        "{LANE_POOLS}[[rule]]\ndomain = \"example.com\"\nlanes = [\"transactional\"]\nsource_addresses = [\"192.0.2.10\"]\n"
+    );
+    parse_config(&text, "caduceus.toml").unwrap();
+}

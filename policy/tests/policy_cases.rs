@@ -19,10 +19,12 @@ max_connections_per_destination = 8
 [lanes.transactional]
 retry_schedule = ["10s", "1m"]
 max_queue_lifetime = "1d"
+source_addresses = ["192.0.2.10"]
 
 [lanes.bulk]
 retry_schedule = ["5m", "1h"]
 max_queue_lifetime = "5d"
+source_addresses = ["192.0.2.20", "192.0.2.21"]
 
 # 0: exact
 [[rule]]
@@ -82,6 +84,17 @@ sender_category = "care"
 [[rule]]
 domain = "*.example-health.org"
 tls = "required"
+
+# 11: transactional mail only, from its own source address
+[[rule]]
+domain = "clinic.example"
+lanes = ["transactional"]
+source_addresses = ["192.0.2.10"]
+
+# 12: both lanes, each with the rule's address from its own pool
+[[rule]]
+domain = "portal.example"
+source_addresses = ["192.0.2.21", "192.0.2.10"]
 "#;
 
 fn policy() -> Policy {
@@ -425,5 +438,60 @@ fn compiled_file_rejects_damage() {
             }
         ),
         "{missing}"
+    );
+}
+
+#[test]
+fn lanes_and_source_addresses() {
+    let transactional: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+    let bulk: std::net::IpAddr = "192.0.2.21".parse().unwrap();
+    for policy in policies() {
+        let clinic_transactional = policy.for_domain("clinic.example", Lane::Transactional);
+        assert_eq!(clinic_transactional.rule_id, 11);
+        assert!(clinic_transactional.lane_allowed);
+        assert_eq!(
+            &*clinic_transactional.settings().source_addresses,
+            &[transactional]
+        );
+
+        let clinic_bulk = policy.for_domain("clinic.example", Lane::Bulk);
+        assert!(!clinic_bulk.lane_allowed);
+        assert!(!clinic_bulk.settings().lane_allowed);
+
+        let portal_transactional = policy.for_domain("portal.example", Lane::Transactional);
+        assert!(portal_transactional.lane_allowed);
+        assert_eq!(
+            &*portal_transactional.settings().source_addresses,
+            &[transactional]
+        );
+        let portal_bulk = policy.for_domain("portal.example", Lane::Bulk);
+        assert!(portal_bulk.lane_allowed);
+        assert_eq!(&*portal_bulk.settings().source_addresses, &[bulk]);
+
+        let defaults = policy.for_domain("unrelated.example", Lane::Bulk);
+        assert!(defaults.lane_allowed);
+        assert!(defaults.settings().source_addresses.is_empty());
+    }
+}
+
+#[test]
+fn explain_lane_barred_rule() {
+    let policy = policy();
+    let text = policy
+        .explain("frontdesk@clinic.example", Lane::Bulk)
+        .expect("explained");
+    assert!(
+        text.contains(
+            "the bulk lane may not send here, so recipients get 550 5.7.1 at RCPT (rule[11])"
+        ),
+        "{text}"
+    );
+
+    let text = policy
+        .explain("frontdesk@clinic.example", Lane::Transactional)
+        .expect("explained");
+    assert!(
+        text.contains("source_addresses = [192.0.2.10] (rule[11]"),
+        "{text}"
     );
 }

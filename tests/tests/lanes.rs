@@ -1,6 +1,7 @@
 //! Lanes and pacing: per-destination rate limits, backoff on push-back,
-//! transactional mail unaffected by a deferring bulk destination, and
-//! per-lane source addresses.
+//! transactional mail unaffected by a deferring bulk destination,
+//! per-lane source addresses, and rules that limit a destination's lanes
+//! and source addresses.
 //!
 //! Timing assertions use the scripted receiver's microsecond timestamps,
 //! with the tolerances stated at each check.
@@ -12,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use caduceus_tests::{Engine, Lane, Plan, Response, Script, ScriptedReceiver};
+use caduceus_tests::{Engine, Lane, Plan, Response, Script, ScriptedReceiver, SmtpClient};
 use common::{engine_config, inject, listen_addr, loopback, sequence_of, state_dir};
 
 #[test]
@@ -216,6 +217,86 @@ fn each_lane_sends_from_its_source_address() {
                 assert_eq!(message.ehlo, "bulk.caduceus.test");
             }
             other => panic!("unexpected message {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn rule_limits_lanes_and_source_addresses() {
+    // clinic.test takes transactional mail only. portal.test takes both
+    // lanes, but bulk mail to it leaves from one of the bulk lane's two
+    // addresses.
+    let receiver =
+        ScriptedReceiver::start(common::any_port(93), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[lanes.transactional]\nsource_addresses = [\"{tx}\"]\n\n[lanes.bulk]\nsource_addresses = [\"{bulk_a}\", \"{bulk_b}\"]\n\n[[rule]]\ndomain = \"clinic.test\"\nroute = \"{addr}\"\nlanes = [\"transactional\"]\n\n[[rule]]\ndomain = \"portal.test\"\nroute = \"{addr}\"\nsource_addresses = [\"{bulk_b}\", \"{tx}\"]\n",
+        engine_config(None),
+        tx = loopback(94),
+        bulk_a = loopback(95),
+        bulk_b = loopback(96),
+        addr = receiver.addr()
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    // The bulk socket's default category is marketing, which needs consent.
+    common::caduceus(
+        &["consent", "add", "patients@portal.test", "--config"],
+        &engine.state_dir().join("caduceus.toml"),
+    );
+
+    let mut client = SmtpClient::connect_unix(engine.socket(Lane::Bulk)).expect("connect");
+    assert_eq!(client.read_reply().expect("greeting").code, 220);
+    client.command("EHLO campaigns.test").expect("EHLO");
+    let mail = client
+        .command("MAIL FROM:<notices@sender.test>")
+        .expect("MAIL");
+    assert_eq!(mail.code, 250);
+    let barred = client
+        .command("RCPT TO:<frontdesk@clinic.test>")
+        .expect("RCPT");
+    assert_eq!(barred.code, 550, "{}", barred.text());
+    assert!(barred.text().contains("5.7.1"), "{}", barred.text());
+    assert!(barred.text().contains("bulk mail"), "{}", barred.text());
+    let allowed = client
+        .command("RCPT TO:<patients@portal.test>")
+        .expect("RCPT");
+    assert_eq!(allowed.code, 250, "{}", allowed.text());
+    assert_eq!(client.command("DATA").expect("DATA").code, 354);
+    client
+        .send_raw(b"Subject: portal\r\n\r\nYour portal has news.\r\n.\r\n")
+        .expect("body");
+    assert_eq!(client.read_reply().expect("final reply").code, 250);
+
+    let acked = Mutex::new(Vec::new());
+    inject(
+        engine.socket(Lane::Transactional),
+        "clinic.test",
+        vec![1],
+        &acked,
+        &AtomicBool::new(false),
+    );
+    assert_eq!(acked.lock().expect("acked").len(), 1);
+
+    let received = receiver
+        .wait_for(2, Duration::from_secs(30))
+        .expect("both delivered");
+    for message in &received {
+        if message
+            .rcpt_to
+            .iter()
+            .any(|rcpt| rcpt.contains("portal.test"))
+        {
+            assert_eq!(message.peer.ip(), loopback(96), "the rule's bulk address");
+            assert!(
+                !message
+                    .rcpt_to
+                    .iter()
+                    .any(|rcpt| rcpt.contains("clinic.test")),
+                "{:?}",
+                message.rcpt_to
+            );
+        } else {
+            assert_eq!(message.peer.ip(), loopback(94), "the transactional address");
         }
     }
 }

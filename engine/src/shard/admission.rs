@@ -64,6 +64,21 @@ impl Admission for ShardAdmission {
                 "Delivery queue for this destination is full, try again later",
             ));
         }
+        if !self
+            .shard
+            .current_policy()
+            .for_domain(&recipient.domain, lane)
+            .lane_allowed
+        {
+            return Err(Reply::new(
+                550,
+                EnhancedStatus::new(5, 7, 1),
+                format!(
+                    "Delivery to this destination is not permitted for {} mail",
+                    lane.as_str()
+                ),
+            ));
+        }
         let category = self.sender_category(sender).unwrap_or(category);
         self.check_lists(category, &recipient.address)
     }

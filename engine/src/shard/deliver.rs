@@ -66,7 +66,10 @@ pub fn dispatch(shard: &Rc<Shard>, domain: &str) {
                 || destination.active_workers as usize >= destination.ready.len();
             let global_limit =
                 shard.inflight.get() >= shard.config.delivery.max_concurrent_deliveries;
-            if destination.held || rule.hold || limit_reached || global_limit {
+            // Mail of a lane that a reload has barred from the destination
+            // waits like held mail, so that the reload can be undone.
+            let barred = rule.hold || !rule.lane_allowed;
+            if destination.held || barred || limit_reached || global_limit {
                 return;
             }
             key.clone()
@@ -119,7 +122,7 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
         // A reference into the worker's policy snapshot: no copy of the
         // rule (and its retry schedule) per message.
         let (rule, site) = rule_for(&shard, &policy, &domain, envelope.lane).await;
-        if rule.hold {
+        if rule.hold || !rule.lane_allowed {
             // Held by policy: the item waits at the front of the queue until
             // a reload lifts the hold (the scheduler dispatches again).
             if let Some(destination) = shard.queue.borrow_mut().destinations.get_mut(&domain) {
@@ -774,7 +777,7 @@ async fn connect(
     let lane_config = shard.config.lanes.get(lane);
     // The slot counts against the source address's connection cap until
     // the connection is dropped; a failed attempt gives it back here.
-    let (source, mut slot) = match acquire_source(shard, lane).await {
+    let (source, mut slot) = match acquire_source(shard, lane, rule).await {
         Some((address, slot)) => (Some(address), Some(slot)),
         None => (None, None),
     };
@@ -834,15 +837,25 @@ async fn connect(
     }
 }
 
-/// Takes a connection slot of one of the lane's source addresses, or
-/// returns `None` when the lane has none.
+/// Takes a connection slot of one of the source addresses for `rule`: the
+/// rule's own in this lane, else the lane's. Returns `None` when the lane
+/// has none.
 ///
 /// When every address is at its connection cap, an idle pooled connection
 /// from one of them is closed to free a slot. Otherwise idle connections
 /// of other destinations would keep the slots until their idle timeout.
 /// With no idle connection to close, the delivery waits for one to close.
-async fn acquire_source(shard: &Rc<Shard>, lane: Lane) -> Option<(IpAddr, Box<dyn std::any::Any>)> {
-    let addresses = &shard.config.lanes.get(lane).source_addresses;
+async fn acquire_source(
+    shard: &Rc<Shard>,
+    lane: Lane,
+    rule: Rule<'_>,
+) -> Option<(IpAddr, Box<dyn std::any::Any>)> {
+    let rule_addresses = &rule.settings().source_addresses;
+    let addresses: &[IpAddr] = if rule_addresses.is_empty() {
+        &shard.config.lanes.get(lane).source_addresses
+    } else {
+        rule_addresses
+    };
     if addresses.is_empty() {
         return None;
     }
