@@ -308,6 +308,24 @@ fn scrape(addr: std::net::SocketAddr, name: &str) -> (f64, f64) {
     )
 }
 
+/// Returns `count` rules in the same mix as the policy benchmark: three in
+/// four exact names, one in four wildcards.
+fn benchmark_rules(count: u32) -> String {
+    let mut rules = String::new();
+    for n in 0..count {
+        let domain = if n % 4 == 3 {
+            format!("*.tenant{n}.example")
+        } else {
+            format!("partner{n}.example")
+        };
+        rules.push_str(&format!(
+            "\n[[rule]]\ndomain = \"{domain}\"\ntls = \"verified\"\nmax_connections = {}\n",
+            1 + n % 8
+        ));
+    }
+    rules
+}
+
 /// Measures the executor stall caused by reloading a policy of 100,000
 /// domain rules while 20,000 messages are delivered, from the engine's
 /// stall watchdog (`caduceus_executor_stall_max_seconds`, a wake-up of its
@@ -332,19 +350,7 @@ fn reload_stall_with_100k_rules() {
         engine_config(None),
         receiver.addr()
     );
-    // The same rule mix as the policy benchmark: three in four exact
-    // names, one in four wildcards.
-    for n in 0..RULES {
-        let domain = if n % 4 == 3 {
-            format!("*.tenant{n}.example")
-        } else {
-            format!("partner{n}.example")
-        };
-        config.push_str(&format!(
-            "\n[[rule]]\ndomain = \"{domain}\"\ntls = \"verified\"\nmax_connections = {}\n",
-            1 + n % 8
-        ));
-    }
+    config.push_str(&benchmark_rules(RULES));
     let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
     let config_file = config_path(&engine);
     let socket = engine.socket(Lane::Bulk).to_path_buf();
@@ -628,4 +634,89 @@ fn reload_picks_up_new_rule() {
     let log = engine.stderr();
     assert_eq!(log.matches(MAPPED).count(), 1, "{log}");
     assert_eq!(log.matches(COMPILED_AND_WROTE).count(), 2, "{log}");
+}
+
+/// Measures the start of the engine with the 100,000 benchmark rules, with
+/// and without a valid `policy.compiled`, and the time of one reload over
+/// the control socket with the config unchanged (the file matches) and
+/// changed (the policy is compiled). Each start is timed from spawning the
+/// process to both lane sockets existing (`sockets_ms`) and to the log's
+/// `engine: started` line (`started_ms`). Runs `$CADUCEUS_BIN` when set, so
+/// that two builds can be compared in turn. Ignored by default because it
+/// prints figures rather than checking them (10 to 13 s per run on the
+/// 2-vCPU machine of docs/benchmarks.md).
+#[test]
+#[ignore = "measurement; run with --ignored --nocapture"]
+fn start_and_reload_time_with_100k_rules() {
+    const RULES: u32 = 100_000;
+    const ROUNDS: u32 = 3;
+
+    let state = state_dir();
+    let config = format!("{}{}", engine_config(None), benchmark_rules(RULES));
+    let mut engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    let control_socket = engine.state_dir().join("run").join("control.sock");
+    let compiled = compiled_file(&engine);
+    let mut starts = 1;
+
+    let mut timed_start = |engine: &mut Engine, keep_file: bool| {
+        engine.sigterm().expect("SIGTERM");
+        engine.wait_exit(WAIT).expect("engine exit");
+        // A build from before the compiled file existed never writes it.
+        if !keep_file && compiled.exists() {
+            std::fs::remove_file(&compiled).expect("remove the compiled file");
+        }
+        let started = std::time::Instant::now();
+        restart(engine);
+        let sockets_ms = started.elapsed().as_millis();
+        starts += 1;
+        common::wait_until(WAIT, || log_count(engine, "engine: started") == starts);
+        (sockets_ms, started.elapsed().as_millis())
+    };
+    let timed_reload = || {
+        let started = std::time::Instant::now();
+        let response = caduceus_engine::control::request(
+            &control_socket,
+            &serde_json::json!({"command": "policy.reload"}),
+        )
+        .expect("reload");
+        assert_eq!(response["ok"], true, "{response}");
+        started.elapsed().as_millis()
+    };
+
+    let mut without_file = Vec::new();
+    let mut with_file = Vec::new();
+    let mut reload_unchanged = Vec::new();
+    let mut reload_changed = Vec::new();
+    for round in 0..ROUNDS {
+        without_file.push(timed_start(&mut engine, false));
+        with_file.push(timed_start(&mut engine, true));
+        reload_unchanged.push(timed_reload());
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&config_file)
+            .expect("config");
+        std::io::Write::write_all(
+            &mut file,
+            format!("\n[[rule]]\ndomain = \"added{round}.example\"\nhold = true\n").as_bytes(),
+        )
+        .expect("append a rule");
+        reload_changed.push(timed_reload());
+    }
+    let file_bytes = std::fs::metadata(&compiled).map_or(0, |metadata| metadata.len());
+    println!(
+        "start and reload: rules={RULES} binary={} compiled_file_bytes={file_bytes} \
+         start_without_file_ms(sockets_ms, started_ms)={without_file:?} \
+         start_with_file_ms(sockets_ms, started_ms)={with_file:?} \
+         reload_unchanged_ms={reload_unchanged:?} reload_changed_ms={reload_changed:?}",
+        caduceus_tests::engine_binary().expect("binary").display()
+    );
+    println!("policy lines of the engine log:");
+    for line in engine
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("policy: "))
+    {
+        println!("  {line}");
+    }
 }
