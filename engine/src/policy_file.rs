@@ -83,6 +83,8 @@ pub fn load_policy(
     };
 
     let policy = Policy::compile(config).map_err(|error| error.to_string())?;
+    // NOTE: a crash during the write leaves `.policy.compiled.tmp-<pid>`
+    // in the state directory, and nothing removes it later.
     match policy.write_compiled(compiled_path, digest) {
         Ok(()) => tracing::info!(
             rules = policy.rule_count(),
