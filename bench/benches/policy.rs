@@ -260,8 +260,11 @@ fn policy_benches(c: &mut Criterion) {
     let directory = tempfile::tempdir().expect("a temporary directory");
     let path = directory.path().join("policy.compiled");
     let started = Instant::now();
+    let digest = caduceus_policy::policy_digest(&config);
+    let digest_ms = started.elapsed().as_millis();
+    let started = Instant::now();
     policy
-        .write_compiled(&path)
+        .write_compiled(&path, digest)
         .expect("writing the compiled policy");
     let write_ms = started.elapsed().as_millis();
     let started = Instant::now();
@@ -269,7 +272,7 @@ fn policy_benches(c: &mut Criterion) {
     let open_ms = started.elapsed().as_millis();
     let file_bytes = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
     println!(
-        "policy: compiled_file_bytes={file_bytes} write_compiled_ms={write_ms} open_compiled_ms={open_ms} anon_huge_pages_kib={}",
+        "policy: compiled_file_bytes={file_bytes} policy_digest_ms={digest_ms} write_compiled_ms={write_ms} open_compiled_ms={open_ms} anon_huge_pages_kib={}",
         huge_page_kib()
     );
 

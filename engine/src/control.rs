@@ -92,14 +92,16 @@ pub struct ControlPlane {
     pub spool_key: SpoolKeySource,
 }
 
-/// Recompiles the policy from the config file and swaps it in. A policy
-/// that fails to compile is rejected and the old one stays in force.
+/// Loads the policy of the config file, from the compiled file when it
+/// matches or else by compiling, and swaps it in. A config that fails to
+/// load or compile is rejected and the old policy stays in force.
 pub fn reload_policy(config_path: Option<&Path>, cell: &PolicyCell) -> Result<usize, String> {
+    let _reloading = cell.lock_reload();
     let config = match config_path {
         Some(path) => caduceus_policy::load_config(path).map_err(|error| error.to_string())?,
         None => caduceus_policy::config::Config::default(),
     };
-    let policy = caduceus_policy::Policy::compile(&config).map_err(|error| error.to_string())?;
+    let (policy, _) = crate::policy_file::load_policy(&config, cell.compiled_file())?;
     let rules = policy.rule_count();
     cell.store(policy);
     Ok(rules)

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use caduceus_engine::{audit, control, cores, demo, runtime};
 use caduceus_policy::config::Config;
-use caduceus_policy::{Lane, Policy, load_config};
+use caduceus_policy::{Lane, Policy, load_config, policy_digest};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -224,12 +224,13 @@ enum PolicyAction {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Compile the rules into a binary table file (an rkyv archive).
+    /// Compile the rules into a compiled policy file, which `serve` maps
+    /// at start and on reload while the config still matches it.
     Compile {
         /// Configuration file (TOML) whose rules are compiled.
         #[arg(long, short)]
         config: PathBuf,
-        /// Where to write the table.
+        /// The output file; `serve` reads `<state_dir>/policy.compiled`.
         #[arg(long, short)]
         out: PathBuf,
     },
@@ -722,7 +723,7 @@ fn policy(action: PolicyAction) -> Result<(), String> {
             let config = load_config(&config).map_err(|error| error.to_string())?;
             let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
             policy
-                .write_compiled(&out)
+                .write_compiled(&out, policy_digest(&config))
                 .map_err(|error| format!("cannot write {}: {error}", out.display()))?;
             println!("{}: {} rules compiled", out.display(), policy.rule_count());
             Ok(())

@@ -4,7 +4,8 @@
 //! stores a new `Arc<Policy>`, and a delivery that already holds the old
 //! one finishes under the old rules.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,13 +17,35 @@ const RETIRE_POLL: Duration = Duration::from_millis(50);
 
 pub struct PolicyCell {
     current: ArcSwap<Policy>,
+    /// The compiled policy file that start and reloads map or write.
+    compiled_file: PathBuf,
+    /// Held for a whole reload, so that SIGHUP on the main thread and
+    /// `policy.reload` on the control thread cannot write the compiled
+    /// file's temporary file at once or store their policies out of order.
+    reload_lock: Mutex<()>,
 }
 
 impl PolicyCell {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, compiled_file: PathBuf) -> Self {
         PolicyCell {
             current: ArcSwap::from_pointee(policy),
+            compiled_file,
+            reload_lock: Mutex::new(()),
         }
+    }
+
+    pub fn compiled_file(&self) -> &Path {
+        &self.compiled_file
+    }
+
+    /// Waits until no other reload runs, and holds off others until the
+    /// guard is dropped.
+    pub fn lock_reload(&self) -> MutexGuard<'_, ()> {
+        // The lock protects no data, so a panic during another reload
+        // leaves nothing inconsistent.
+        self.reload_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn load(&self) -> Arc<Policy> {
@@ -83,7 +106,7 @@ mod tests {
 
     #[test]
     fn replaced_policy_freed_by_retire_thread() {
-        let cell = PolicyCell::new(policy());
+        let cell = PolicyCell::new(policy(), PathBuf::from("policy.compiled"));
         let delivery_snapshot = cell.load();
         let weak = Arc::downgrade(&delivery_snapshot);
         cell.store(policy());
@@ -104,7 +127,7 @@ mod tests {
 
     #[test]
     fn unused_policy_freed_at_once() {
-        let cell = PolicyCell::new(policy());
+        let cell = PolicyCell::new(policy(), PathBuf::from("policy.compiled"));
         let weak = Arc::downgrade(&cell.load());
         cell.store(policy());
         assert_eq!(weak.strong_count(), 0);

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use caduceus_policy::config::Config;
-use caduceus_policy::{Lane, Policy, SiteKey};
+use caduceus_policy::{Lane, SiteKey};
 use caduceus_spool::Keyring;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
@@ -21,6 +21,7 @@ use crate::control::{
     CONTROL_CHANNEL_CAPACITY, ControlPlane, SUPPRESSION_CHANNEL_CAPACITY, load_holds,
 };
 use crate::cores::{ExecutorSpec, allocate, available_cpus};
+use crate::policy_file::{compiled_policy_path, load_policy};
 use crate::policy_swap::PolicyCell;
 use crate::shard::{self, ShardSetup};
 
@@ -55,8 +56,6 @@ pub fn start_with_config_file(
 ) -> Result<Engine, String> {
     let config = Arc::new(config);
     let allocation = allocate(&config, &available_cpus())?;
-    let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
-    let policy = Arc::new(PolicyCell::new(policy));
     if let Some(warning) = config.message_size_warning() {
         tracing::warn!("config: {warning}");
     }
@@ -78,6 +77,12 @@ pub fn start_with_config_file(
     }
     restrict_mode(&config.state_dir.join("keys"), 0o700)?;
     restrict_mode(&config.spool_dir(), 0o700)?;
+
+    // Loaded before the privilege drop, which hands a file written here to
+    // the engine's user with the rest of the state directory.
+    let compiled_policy = compiled_policy_path(&config.state_dir);
+    let (policy, _) = load_policy(&config, &compiled_policy)?;
+    let policy = Arc::new(PolicyCell::new(policy, compiled_policy));
 
     // Webhook secret files are read while the process may still be root,
     // and before any socket exists, so a bad secret stops the start early.

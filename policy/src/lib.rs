@@ -13,6 +13,7 @@ mod vocabulary;
 mod address;
 mod compiled;
 mod compiled_file;
+mod digest;
 mod domain;
 mod error;
 mod explain;
@@ -26,7 +27,10 @@ mod validate;
 
 pub use address::{AddressError, normalise_address};
 pub use compiled::{DEFAULT_RULE_ID, EffectiveRule, Policy, Route, Rule};
-pub use compiled_file::CompiledPolicyError;
+pub use compiled_file::{
+    COMPILED_HEADER_BYTES, CompiledPolicyError, compiled_image_digest, read_compiled_digest,
+};
+pub use digest::policy_digest;
 pub use domain::{DomainError, normalise_domain};
 pub use error::{ConfigError, Location};
 pub use lists::{Lists, Verdict};

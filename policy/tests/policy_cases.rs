@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use caduceus_policy::{
     Category, CompiledPolicyError, DEFAULT_RULE_ID, Lane, Policy, Route, TlsMode, normalise_domain,
-    parse_config,
+    parse_config, policy_digest,
 };
 
 const CONFIG: &str = r#"
@@ -108,7 +108,8 @@ fn policies() -> [Policy; 2] {
     let compiled = policy();
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("policy.compiled");
-    compiled.write_compiled(&path).unwrap();
+    let digest = policy_digest(&parse_config(CONFIG, "cases.toml").unwrap());
+    compiled.write_compiled(&path, digest).unwrap();
     let loaded = Policy::open_compiled(&path).unwrap();
     [compiled, loaded]
 }
@@ -404,7 +405,7 @@ fn policy_is_send_and_sync() {
 fn compiled_file_rejects_damage() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("policy.compiled");
-    policy().write_compiled(&path).unwrap();
+    policy().write_compiled(&path, [7; 32]).unwrap();
     let good = std::fs::read(&path).unwrap();
 
     let open_bytes = |bytes: &[u8]| {
@@ -418,8 +419,10 @@ fn compiled_file_rejects_damage() {
     let last = flipped.len() - 40;
     flipped[last] ^= 0x20;
     assert!(open_bytes(&flipped).contains("archive checksum"));
+    // Byte 30 is inside the source digest, which only the header checksum
+    // protects.
     let mut header = good.clone();
-    header[9] ^= 0x01;
+    header[30] ^= 0x01;
     assert!(open_bytes(&header).contains("header checksum"));
     assert!(open_bytes(&good[..good.len() - 8]).contains("truncated"));
     assert!(open_bytes(&good[..12]).contains("shorter than"));
