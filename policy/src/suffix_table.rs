@@ -485,92 +485,6 @@ fn label_start(name: &[u8], end: usize) -> usize {
         .map_or(0, |dot| dot + 1)
 }
 
-/// Bytes of the dot mask window, one bit each.
-const DOT_WINDOW_BYTES: usize = 64;
-
-/// Returns a mask with bit `i` set when `bytes[i]` is a dot. Takes at most
-/// [`DOT_WINDOW_BYTES`] bytes and tests them 8 at a time, without a branch
-/// per byte.
-#[inline]
-fn dot_mask(bytes: &[u8]) -> u64 {
-    debug_assert!(bytes.len() <= DOT_WINDOW_BYTES);
-    let mut mask = 0;
-    let mut chunks = bytes.chunks_exact(8);
-    let mut shift = 0;
-    for chunk in &mut chunks {
-        let word = u64::from_le_bytes(chunk.try_into().expect("chunks_exact yields 8 bytes"));
-        mask |= word_dot_bits(word) << shift;
-        shift += 8;
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        // `load_short` pads with zero bytes, which are not dots.
-        mask |= word_dot_bits(load_short(rest)) << shift;
-    }
-    mask
-}
-
-/// Returns 8 bits, bit `i` set when byte `i` of the little-endian `word`
-/// is a dot.
-#[inline]
-fn word_dot_bits(word: u64) -> u64 {
-    const LOW_SEVEN: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    let zeroed = word ^ 0x2e2e_2e2e_2e2e_2e2e;
-    // The high bit of each byte of `nonzero` is set when that byte of
-    // `zeroed` is nonzero. The addition cannot carry between bytes, so no
-    // byte gives a false result, unlike the usual has-zero-byte test.
-    let nonzero = ((zeroed & LOW_SEVEN) + LOW_SEVEN) | zeroed;
-    let dots = !(nonzero | LOW_SEVEN) >> 7;
-    // `dots` has bit 0 of byte `i` set for a dot. The multiplication moves
-    // bit 8i to bit 56 + i; the partial products land on distinct bits, so
-    // nothing carries into the top byte.
-    dots.wrapping_mul(0x0102_0408_1020_4080) >> 56
-}
-
-/// The label starts of a name from the last label to the first, found
-/// from dot masks of up to [`DOT_WINDOW_BYTES`] bytes. A longer name is
-/// read in windows from its end, so every length takes the same path.
-struct LabelStarts<'n> {
-    name: &'n [u8],
-    /// Where the current window starts in `name`.
-    window_start: usize,
-    /// Bit `i` is set for a dot at `name[window_start + i]` that
-    /// [`LabelStarts::next_start`] has not passed yet.
-    dots: u64,
-}
-
-impl<'n> LabelStarts<'n> {
-    #[inline]
-    fn new(name: &'n [u8]) -> LabelStarts<'n> {
-        let window_start = name.len().saturating_sub(DOT_WINDOW_BYTES);
-        LabelStarts {
-            name,
-            window_start,
-            dots: dot_mask(&name[window_start..]),
-        }
-    }
-
-    /// Returns where the next label to the left starts: after the last dot
-    /// not passed yet, or 0 when no dot is left. The first call returns the
-    /// start of the last label.
-    #[inline]
-    fn next_start(&mut self) -> usize {
-        loop {
-            if self.dots != 0 {
-                let bit = 63 - self.dots.leading_zeros() as usize;
-                self.dots ^= 1 << bit;
-                return self.window_start + bit + 1;
-            }
-            if self.window_start == 0 {
-                return 0;
-            }
-            let window_end = self.window_start;
-            self.window_start = window_end.saturating_sub(DOT_WINDOW_BYTES);
-            self.dots = dot_mask(&self.name[self.window_start..window_end]);
-        }
-    }
-}
-
 /// A name and whether the pattern is `*.name`, in the order rules appear.
 pub(crate) struct TableEntry<'a> {
     pub name: &'a str,
@@ -851,10 +765,9 @@ impl SuffixTable {
         // not 0, that is a proper label-aligned suffix, whose wildcard may
         // match. Later hits are longer suffixes, so each overrides the one
         // before.
-        let mut label_starts = LabelStarts::new(name);
         let mut end = name.len();
         loop {
-            let start = label_starts.next_start();
+            let start = label_start(name, end);
             suffix = extend(suffix, name, start, end);
             if start == 0 {
                 break;
