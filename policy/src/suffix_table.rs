@@ -634,28 +634,28 @@ impl SuffixTable {
             return true;
         };
         // The three bits are tested without a branch between them, because
-        // whether a key passes is not predictable.
-        let set = bits
-            .iter()
-            .fold(1, |set, bit| set & words[(bit / 64) as usize] >> (bit % 64));
-        set != 0
+        // whether each is set is not predictable.
+        let bit_set = |bit: u64| words[(bit / 64) as usize] & (1 << (bit % 64)) != 0;
+        bit_set(bits[0]) & bit_set(bits[1]) & bit_set(bits[2])
     }
 
     /// Returns the slot index of the key (`name`, `wildcard`), whose hash
     /// is `hash`.
     fn find(&self, hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
-        self.find_in(&self.slots, hash, name, wildcard)
-    }
-
-    /// As [`SuffixTable::find`], given `self.slots`. A lookup calls this
-    /// several times, and passing the slots computes the slice from the
-    /// [`SlotArray`] once.
-    #[inline]
-    fn find_in(&self, slots: &[Slot], hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
-        if slots.is_empty() || !self.may_contain(hash) {
+        if !self.may_contain(hash) {
             return None;
         }
-        let mask = slots.len() - 1;
+        self.probe(&self.slots, hash, name, wildcard)
+    }
+
+    /// Returns the slot index of the key (`name`, `wildcard`), whose hash
+    /// is `hash`, by linear probing in `slots`, which is `self.slots`
+    /// without the filter. A lookup tests the filter first and passes the
+    /// slots, so the slice is taken from the [`SlotArray`] once.
+    #[inline]
+    fn probe(&self, slots: &[Slot], hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
+        // With no slots the mask is all ones, and `get` returns `None`.
+        let mask = slots.len().wrapping_sub(1);
         let mut index = hash as usize & mask;
         loop {
             let slot = slots.get(index)?;
@@ -772,12 +772,21 @@ impl SuffixTable {
             if start == 0 {
                 break;
             }
-            if let Some(index) = self.find_in(slots, wildcard_key(suffix), &name[start..], true) {
+            let key = wildcard_key(suffix);
+            if self.may_contain(key)
+                && let Some(index) = self.probe(slots, key, &name[start..], true)
+            {
                 best = Some(index);
             }
             end = start - 1;
         }
-        self.find_in(slots, finish(suffix), name, false).or(best)
+        let key = finish(suffix);
+        if self.may_contain(key)
+            && let Some(index) = self.probe(slots, key, name, false)
+        {
+            return Some(index);
+        }
+        best
     }
 }
 
