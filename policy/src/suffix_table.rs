@@ -795,7 +795,8 @@ mod tests {
     use super::*;
 
     /// Computes the longest match with string operations, to compare the
-    /// table against. Expects names without empty labels.
+    /// table against. Expects a name that does not start with a dot, which
+    /// the table never matches. Other empty labels are allowed.
     fn reference_lookup(patterns: &[&str], name: &str) -> Option<u32> {
         if let Some(index) = patterns.iter().position(|pattern| *pattern == name) {
             return Some(index as u32);
@@ -1235,5 +1236,156 @@ mod tests {
             assert_eq!(lookup_rule(&table, name.as_bytes()), Some(index as u32));
         }
         assert_eq!(lookup_rule(&table, b"host1000.example"), None);
+    }
+
+    #[test]
+    fn load_short_reads_little_endian() {
+        let bytes = *b"abcdefgh";
+        for length in 0..=8 {
+            let expected = bytes[..length]
+                .iter()
+                .rev()
+                .fold(0, |value, byte| value << 8 | u64::from(*byte));
+            assert_eq!(load_short(&bytes[..length]), expected, "length {length}");
+        }
+    }
+
+    #[test]
+    fn words_equal_matches_slice_equality() {
+        // Lengths around each word boundary and past the 24 bytes that the
+        // word comparison covers, with each byte changed in turn.
+        for length in 0..=40 {
+            let left: Vec<u8> = (0..length).map(|index| b'a' + (index % 26) as u8).collect();
+            assert!(words_equal(&left, &left.clone()), "length {length}");
+            for changed in 0..length {
+                let mut right = left.clone();
+                right[changed] = b'.';
+                assert!(
+                    !words_equal(&left, &right),
+                    "length {length}, byte {changed} changed"
+                );
+            }
+            if length > 0 {
+                assert!(!words_equal(&left, &left[1..]), "length {length}");
+            }
+        }
+    }
+
+    /// Returns a name of exactly `length` bytes, at least 5: labels of 7
+    /// letters or fewer, ending in `.org`.
+    fn name_of_length(length: usize) -> String {
+        let mut name = String::from("org");
+        let mut letter = b'a';
+        while name.len() < length {
+            // A label and its dot take 2 bytes or more, so never leave 1.
+            let label_length = match length - name.len() {
+                remaining if remaining > 9 => 7,
+                9 => 3,
+                remaining => remaining - 1,
+            };
+            let label = (letter as char).to_string().repeat(label_length);
+            name = format!("{label}.{name}");
+            letter = if letter == b'z' { b'a' } else { letter + 1 };
+        }
+        name
+    }
+
+    #[test]
+    fn lookup_names_at_word_lengths() {
+        // Names of exactly one, two and three 8-byte words, the most that a
+        // slot stores inline (24) and one more, a 64-byte name, and a name
+        // of the maximum domain length, as exact and wildcard patterns.
+        let lengths = [8, 9, 15, 16, 17, 23, 24, 25, 32, 63, 64, 65, 253];
+        let names: Vec<String> = lengths
+            .iter()
+            .map(|length| name_of_length(*length))
+            .collect();
+        for (name, length) in names.iter().zip(lengths) {
+            assert_eq!(name.len(), length, "{name}");
+        }
+        let mut patterns: Vec<String> = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            if index % 2 == 0 {
+                patterns.push(name.clone());
+            } else {
+                patterns.push(format!("*.{name}"));
+            }
+        }
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let table = table(&patterns);
+        assert_eq!(table.check(patterns.len()), Ok(()));
+
+        for name in &names {
+            let first_changed = format!("x{}", &name[1..]);
+            let last_changed = format!("{}x", &name[..name.len() - 1]);
+            let below = format!("mx.{name}");
+            let deeper = format!("a.b.{name}");
+            for query in [
+                name.as_str(),
+                &first_changed,
+                &last_changed,
+                &name[1..],
+                &below,
+                &deeper,
+            ] {
+                if query.starts_with('.') {
+                    assert_eq!(lookup_rule(&table, query.as_bytes()), None, "{query}");
+                    continue;
+                }
+                assert_eq!(
+                    lookup_rule(&table, query.as_bytes()),
+                    reference_lookup(&patterns, query),
+                    "{query}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lookup_odd_names_match_reference() {
+        // Query names with empty labels, leading and trailing dots and long
+        // labels, against patterns of well-formed names.
+        let labels = [
+            "a",
+            "mx",
+            "example",
+            "abcdefghij",
+            "",
+            "0123456789abcdefghijklmnop",
+        ];
+        let mut state = 11;
+        let random_name = |state: &mut u64, allow_empty: bool| loop {
+            let depth = 1 + next_random(state) % 7;
+            let name = (0..depth)
+                .map(|_| labels[(next_random(state) % labels.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join(".");
+            if allow_empty || (!name.is_empty() && !name.split('.').any(str::is_empty)) {
+                return name;
+            }
+        };
+        let mut patterns: Vec<String> = Vec::new();
+        while patterns.len() < 100 {
+            let name = random_name(&mut state, false);
+            let pattern = if next_random(&mut state).is_multiple_of(2) {
+                format!("*.{name}")
+            } else {
+                name
+            };
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let table = table(&patterns);
+        for _ in 0..20_000 {
+            let name = random_name(&mut state, true);
+            let expected = if name.is_empty() || name.starts_with('.') {
+                None
+            } else {
+                reference_lookup(&patterns, &name)
+            };
+            assert_eq!(lookup_rule(&table, name.as_bytes()), expected, "{name:?}");
+        }
     }
 }
