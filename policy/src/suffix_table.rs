@@ -419,8 +419,8 @@ fn key_hash(name: &[u8], wildcard: bool) -> u64 {
 }
 
 /// Returns `bytes`, at most 8 of them, as a little-endian integer with the
-/// missing high bytes zero. Two overlapping loads cover every length, so
-/// there is no loop over the bytes.
+/// missing high bytes zero. Overlapping loads cover every length, so there
+/// is no loop over the bytes.
 #[inline]
 fn load_short(bytes: &[u8]) -> u64 {
     let length = bytes.len();
@@ -448,7 +448,7 @@ fn load_short(bytes: &[u8]) -> u64 {
 
 /// Returns true when `left` and `right`, of equal length, have the same
 /// bytes. Up to 24 bytes are compared as three overlapping 8-byte words,
-/// without a call to `memcmp`.
+/// without a call to `memcmp`. Longer slices use slice equality.
 #[inline]
 fn words_equal(left: &[u8], right: &[u8]) -> bool {
     let length = left.len();
@@ -461,9 +461,8 @@ fn words_equal(left: &[u8], right: &[u8]) -> bool {
     let Some(tail_start) = length.checked_sub(8) else {
         return load_short(left) == load_short(right);
     };
-    // Words at 0, at `middle_start` and at `tail_start` cover bytes 0 to
-    // 24: the middle word starts at 8, or at `tail_start` when that is
-    // lower.
+    // Words at 0, at `middle_start` and at `tail_start` cover every byte.
+    // The middle word starts at 8, or at `tail_start` when that is lower.
     let middle_start = tail_start.min(8);
     let word = |bytes: &[u8], start: usize| {
         bytes[start..]
@@ -649,9 +648,9 @@ impl SuffixTable {
     }
 
     /// Returns the slot index of the key (`name`, `wildcard`), whose hash
-    /// is `hash`, by linear probing in `slots`, which is `self.slots`
-    /// without the filter. A lookup tests the filter first and passes the
-    /// slots, so the slice is taken from the [`SlotArray`] once.
+    /// is `hash`, by linear probing in `slots`, which is `self.slots`. It
+    /// skips the filter, which the caller tests first. A lookup passes the
+    /// slots so that the slice is taken from the [`SlotArray`] once.
     #[inline]
     fn probe(&self, slots: &[Slot], hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
         // With no slots the mask is all ones, and `get` returns `None`.
