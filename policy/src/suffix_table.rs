@@ -634,8 +634,10 @@ impl SuffixTable {
         };
         // The three bits are tested without a branch between them, because
         // whether each is set is not predictable.
-        let bit_set = |bit: u64| words[(bit / 64) as usize] & (1 << (bit % 64)) != 0;
-        bit_set(bits[0]) & bit_set(bits[1]) & bit_set(bits[2])
+        let set = bits
+            .iter()
+            .fold(1, |set, bit| set & words[(bit / 64) as usize] >> (bit % 64));
+        set != 0
     }
 
     /// Returns the slot index of the key (`name`, `wildcard`), whose hash
