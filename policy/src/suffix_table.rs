@@ -439,7 +439,8 @@ fn load_short(bytes: &[u8]) -> u64 {
     if length == 0 {
         return 0;
     }
-    // Bytes 0, length / 2 and length - 1 cover every byte of 1 to 3.
+    // Bytes 0, length / 2 and length - 1 cover every byte when `length`
+    // is 1 to 3.
     let middle = length / 2;
     u64::from(bytes[0])
         | u64::from(bytes[middle]) << (8 * middle)
