@@ -248,6 +248,7 @@ pub struct Policy {
 type LaneRules = [EffectiveRule; Lane::ALL.len()];
 
 /// Removes one trailing dot, which names from DNS answers may carry.
+#[inline]
 fn without_root_dot(name: &str) -> &[u8] {
     name.strip_suffix('.').unwrap_or(name).as_bytes()
 }

@@ -182,11 +182,10 @@ pub(crate) struct SuffixTable {
     slots: SlotArray,
     /// Names longer than [`INLINE_NAME_BYTES`], back to back.
     long_names: Vec<u8>,
-    /// The filter as 512-bit blocks of 8 words. The block count is a power
-    /// of two. An empty filter, as before it is computed, lets every hash
-    /// through.
+    /// The filter as 512-bit blocks. The block count is a power of two. An
+    /// empty filter, as before it is computed, lets every hash through.
     #[rkyv(with = rkyv::with::Skip)]
-    filter: Vec<u64>,
+    filter: Vec<FilterBlock>,
 }
 
 /// Slots at or above this many bytes go in huge pages. Smaller tables
@@ -310,11 +309,16 @@ const FILTER_BITS_PER_KEY: usize = 10;
 const FILTER_BLOCK_WORDS: usize = 8;
 const FILTER_BLOCK_BITS: u64 = 512;
 
+/// One cache line of the filter.
+type FilterBlock = [u64; FILTER_BLOCK_WORDS];
+
 /// Returns the filter block of `hash` and the three bits it sets there.
 /// The block comes from the high half of the hash and the bits from the
-/// low 27 bits, so the two are independent.
-fn filter_position(hash: u64, block_count: usize) -> (usize, [u64; 3]) {
-    let block = (hash >> 32) as usize & (block_count - 1);
+/// low 27 bits, so the two are independent. `block_mask` is the block
+/// count less one.
+#[inline]
+fn filter_position(hash: u64, block_mask: usize) -> (usize, [u64; 3]) {
+    let block = (hash >> 32) as usize & block_mask;
     let bits = [
         hash % FILTER_BLOCK_BITS,
         (hash >> 9) % FILTER_BLOCK_BITS,
@@ -351,6 +355,7 @@ fn load_partial(bytes: &[u8], start: usize, end: usize) -> u64 {
 }
 
 /// Hashes the label `bytes[start..end]`, 8 bytes per step.
+#[inline]
 fn label_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
     let mut hash = ((end - start) as u64).wrapping_mul(LABEL_MULTIPLIER);
     let mut chunk_start = start;
@@ -371,6 +376,7 @@ fn label_hash(bytes: &[u8], start: usize, end: usize) -> u64 {
 /// label's own hash does not depend on `suffix`, so the CPU can compute
 /// the hashes of several labels at once, and the chain from one suffix to
 /// the next is one multiplication.
+#[inline]
 fn extend(suffix: u64, bytes: &[u8], start: usize, end: usize) -> u64 {
     (suffix.rotate_left(23) ^ label_hash(bytes, start, end)).wrapping_mul(SUFFIX_MULTIPLIER)
 }
@@ -410,6 +416,64 @@ fn key_hash(name: &[u8], wildcard: bool) -> u64 {
     } else {
         finish(suffix)
     }
+}
+
+/// Returns `bytes`, at most 8 of them, as a little-endian integer with the
+/// missing high bytes zero. Overlapping loads cover every length, so there
+/// is no loop over the bytes.
+#[inline]
+fn load_short(bytes: &[u8]) -> u64 {
+    let length = bytes.len();
+    if let Some(word) = bytes.first_chunk::<8>() {
+        return u64::from_le_bytes(*word);
+    }
+    if length >= 4 {
+        let head = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let tail_start = length - 4;
+        let tail = &bytes[tail_start..];
+        let tail = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
+        // The two loads overlap when `length` is below 8, and overlapping
+        // bytes are equal, so OR combines them.
+        return u64::from(head) | u64::from(tail) << (8 * tail_start);
+    }
+    if length == 0 {
+        return 0;
+    }
+    // Bytes 0, length / 2 and length - 1 cover every byte when `length`
+    // is 1 to 3.
+    let middle = length / 2;
+    u64::from(bytes[0])
+        | u64::from(bytes[middle]) << (8 * middle)
+        | u64::from(bytes[length - 1]) << (8 * (length - 1))
+}
+
+/// Returns true when `left` and `right`, of equal length, have the same
+/// bytes. Up to 24 bytes are compared as three overlapping 8-byte words,
+/// without a call to `memcmp`. Longer slices use slice equality.
+#[inline]
+fn words_equal(left: &[u8], right: &[u8]) -> bool {
+    let length = left.len();
+    if length != right.len() {
+        return false;
+    }
+    if length > 24 {
+        return left == right;
+    }
+    let Some(tail_start) = length.checked_sub(8) else {
+        return load_short(left) == load_short(right);
+    };
+    // Words at 0, at `middle_start` and at `tail_start` cover every byte.
+    // The middle word starts at 8, or at `tail_start` when that is lower.
+    let middle_start = tail_start.min(8);
+    let word = |bytes: &[u8], start: usize| {
+        bytes[start..]
+            .first_chunk::<8>()
+            .map_or(0, |word| u64::from_le_bytes(*word))
+    };
+    let difference = (word(left, 0) ^ word(right, 0))
+        | (word(left, middle_start) ^ word(right, middle_start))
+        | (word(left, tail_start) ^ word(right, tail_start));
+    difference == 0
 }
 
 /// Returns where the label that ends at `end` starts: after the nearest
@@ -546,51 +610,81 @@ impl SuffixTable {
         let block_count = (key_count * FILTER_BITS_PER_KEY)
             .div_ceil(FILTER_BLOCK_BITS as usize)
             .next_power_of_two();
-        let mut filter = vec![0u64; block_count * FILTER_BLOCK_WORDS];
+        let mut filter = vec![[0u64; FILTER_BLOCK_WORDS]; block_count];
         for slot in self.slots.iter() {
             if slot.name_length == 0 {
                 continue;
             }
-            let (block, bits) = filter_position(slot.hash, block_count);
+            let (block, bits) = filter_position(slot.hash, block_count - 1);
             for bit in bits {
-                filter[block * FILTER_BLOCK_WORDS + (bit / 64) as usize] |= 1 << (bit % 64);
+                filter[block][(bit / 64) as usize] |= 1 << (bit % 64);
             }
         }
         self.filter = filter;
     }
 
     /// Returns false when no stored key has the hash `hash`.
+    #[inline]
     fn may_contain(&self, hash: u64) -> bool {
-        if self.filter.is_empty() {
+        // An empty filter gives a mask of all ones, so `get` finds no block
+        // and the hash passes.
+        let block_mask = self.filter.len().wrapping_sub(1);
+        let (block, bits) = filter_position(hash, block_mask);
+        let Some(words) = self.filter.get(block) else {
             return true;
-        }
-        let block_count = self.filter.len() / FILTER_BLOCK_WORDS;
-        let (block, bits) = filter_position(hash, block_count);
-        let words = &self.filter[block * FILTER_BLOCK_WORDS..(block + 1) * FILTER_BLOCK_WORDS];
-        bits.iter()
-            .all(|bit| words[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
+        };
+        // The three bits are tested without a branch between them, because
+        // whether each is set is not predictable.
+        let set = bits
+            .iter()
+            .fold(1, |set, bit| set & words[(bit / 64) as usize] >> (bit % 64));
+        set != 0
     }
 
     /// Returns the slot index of the key (`name`, `wildcard`), whose hash
     /// is `hash`.
     fn find(&self, hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
-        if self.slots.is_empty() || !self.may_contain(hash) {
+        if !self.may_contain(hash) {
             return None;
         }
-        let mask = self.slots.len() - 1;
+        self.probe(&self.slots, hash, name, wildcard)
+    }
+
+    /// Returns the slot index of the key (`name`, `wildcard`), whose hash
+    /// is `hash`, by linear probing in `slots`, which is `self.slots`. It
+    /// skips the filter, which the caller tests first. A lookup passes the
+    /// slots so that the slice is taken from the [`SlotArray`] once.
+    #[inline]
+    fn probe(&self, slots: &[Slot], hash: u64, name: &[u8], wildcard: bool) -> Option<usize> {
+        // With no slots the mask is all ones, and `get` returns `None`.
+        let mask = slots.len().wrapping_sub(1);
         let mut index = hash as usize & mask;
         loop {
-            let slot = &self.slots[index];
+            let slot = slots.get(index)?;
             if slot.name_length == 0 {
                 return None;
             }
             if slot.hash == hash
                 && slot.wildcard == u8::from(wildcard)
-                && self.slot_name(slot) == Some(name)
+                && self.slot_name_equals(slot, name)
             {
                 return Some(index);
             }
             index = (index + 1) & mask;
+        }
+    }
+
+    /// Returns true when the occupied `slot` stores `name`. A damaged slot
+    /// that points outside the arena stores no name.
+    #[inline]
+    fn slot_name_equals(&self, slot: &Slot, name: &[u8]) -> bool {
+        let length = usize::from(slot.name_length);
+        if length != name.len() {
+            return false;
+        }
+        match slot.inline_name.get(..length) {
+            Some(inline) => words_equal(inline, name),
+            None => self.slot_name(slot) == Some(name),
         }
     }
 
@@ -662,7 +756,8 @@ impl SuffixTable {
     /// an empty first label never matches; other malformed names may match
     /// by their well-formed suffix.
     pub fn lookup(&self, name: &[u8]) -> Option<usize> {
-        if self.slots.is_empty() || name.is_empty() || name[0] == b'.' {
+        let slots: &[Slot] = &self.slots;
+        if slots.is_empty() || name.is_empty() || name[0] == b'.' {
             return None;
         }
         let mut suffix = SUFFIX_SEED;
@@ -679,12 +774,21 @@ impl SuffixTable {
             if start == 0 {
                 break;
             }
-            if let Some(index) = self.find(wildcard_key(suffix), &name[start..], true) {
+            let key = wildcard_key(suffix);
+            if self.may_contain(key)
+                && let Some(index) = self.probe(slots, key, &name[start..], true)
+            {
                 best = Some(index);
             }
             end = start - 1;
         }
-        self.find(finish(suffix), name, false).or(best)
+        let key = finish(suffix);
+        if self.may_contain(key)
+            && let Some(index) = self.probe(slots, key, name, false)
+        {
+            return Some(index);
+        }
+        best
     }
 }
 
@@ -693,7 +797,8 @@ mod tests {
     use super::*;
 
     /// Computes the longest match with string operations, to compare the
-    /// table against. Expects names without empty labels.
+    /// table against. Expects a name that does not start with a dot, which
+    /// the table never matches. Other empty labels are allowed.
     fn reference_lookup(patterns: &[&str], name: &str) -> Option<u32> {
         if let Some(index) = patterns.iter().position(|pattern| *pattern == name) {
             return Some(index as u32);
@@ -1133,5 +1238,156 @@ mod tests {
             assert_eq!(lookup_rule(&table, name.as_bytes()), Some(index as u32));
         }
         assert_eq!(lookup_rule(&table, b"host1000.example"), None);
+    }
+
+    #[test]
+    fn load_short_reads_little_endian() {
+        let bytes = *b"abcdefgh";
+        for length in 0..=8 {
+            let expected = bytes[..length]
+                .iter()
+                .rev()
+                .fold(0, |value, byte| value << 8 | u64::from(*byte));
+            assert_eq!(load_short(&bytes[..length]), expected, "length {length}");
+        }
+    }
+
+    #[test]
+    fn words_equal_matches_slice_equality() {
+        // Lengths around each word boundary and past the 24 bytes that the
+        // word comparison covers, with each byte changed in turn.
+        for length in 0..=40 {
+            let left: Vec<u8> = (0..length).map(|index| b'a' + (index % 26) as u8).collect();
+            assert!(words_equal(&left, &left.clone()), "length {length}");
+            for changed in 0..length {
+                let mut right = left.clone();
+                right[changed] = b'.';
+                assert!(
+                    !words_equal(&left, &right),
+                    "length {length}, byte {changed} changed"
+                );
+            }
+            if length > 0 {
+                assert!(!words_equal(&left, &left[1..]), "length {length}");
+            }
+        }
+    }
+
+    /// Returns a name of exactly `length` bytes, at least 5: labels of 7
+    /// letters or fewer, ending in `.org`.
+    fn name_of_length(length: usize) -> String {
+        let mut name = String::from("org");
+        let mut letter = b'a';
+        while name.len() < length {
+            // A label and its dot take 2 bytes or more, so never leave 1.
+            let label_length = match length - name.len() {
+                remaining if remaining > 9 => 7,
+                9 => 3,
+                remaining => remaining - 1,
+            };
+            let label = (letter as char).to_string().repeat(label_length);
+            name = format!("{label}.{name}");
+            letter = if letter == b'z' { b'a' } else { letter + 1 };
+        }
+        name
+    }
+
+    #[test]
+    fn lookup_names_at_word_lengths() {
+        // Names of exactly one, two and three 8-byte words, the most that a
+        // slot stores inline (24) and one more, a 64-byte name, and a name
+        // of the maximum domain length, as exact and wildcard patterns.
+        let lengths = [8, 9, 15, 16, 17, 23, 24, 25, 32, 63, 64, 65, 253];
+        let names: Vec<String> = lengths
+            .iter()
+            .map(|length| name_of_length(*length))
+            .collect();
+        for (name, length) in names.iter().zip(lengths) {
+            assert_eq!(name.len(), length, "{name}");
+        }
+        let mut patterns: Vec<String> = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            if index % 2 == 0 {
+                patterns.push(name.clone());
+            } else {
+                patterns.push(format!("*.{name}"));
+            }
+        }
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let table = table(&patterns);
+        assert_eq!(table.check(patterns.len()), Ok(()));
+
+        for name in &names {
+            let first_changed = format!("x{}", &name[1..]);
+            let last_changed = format!("{}x", &name[..name.len() - 1]);
+            let below = format!("mx.{name}");
+            let deeper = format!("a.b.{name}");
+            for query in [
+                name.as_str(),
+                &first_changed,
+                &last_changed,
+                &name[1..],
+                &below,
+                &deeper,
+            ] {
+                if query.starts_with('.') {
+                    assert_eq!(lookup_rule(&table, query.as_bytes()), None, "{query}");
+                    continue;
+                }
+                assert_eq!(
+                    lookup_rule(&table, query.as_bytes()),
+                    reference_lookup(&patterns, query),
+                    "{query}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lookup_odd_names_match_reference() {
+        // Query names with empty labels, leading and trailing dots and long
+        // labels, against patterns of well-formed names.
+        let labels = [
+            "a",
+            "mx",
+            "example",
+            "abcdefghij",
+            "",
+            "0123456789abcdefghijklmnop",
+        ];
+        let mut state = 11;
+        let random_name = |state: &mut u64, allow_empty: bool| loop {
+            let depth = 1 + next_random(state) % 7;
+            let name = (0..depth)
+                .map(|_| labels[(next_random(state) % labels.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join(".");
+            if allow_empty || (!name.is_empty() && !name.split('.').any(str::is_empty)) {
+                return name;
+            }
+        };
+        let mut patterns: Vec<String> = Vec::new();
+        while patterns.len() < 100 {
+            let name = random_name(&mut state, false);
+            let pattern = if next_random(&mut state).is_multiple_of(2) {
+                format!("*.{name}")
+            } else {
+                name
+            };
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let table = table(&patterns);
+        for _ in 0..20_000 {
+            let name = random_name(&mut state, true);
+            let expected = if name.is_empty() || name.starts_with('.') {
+                None
+            } else {
+                reference_lookup(&patterns, &name)
+            };
+            assert_eq!(lookup_rule(&table, name.as_bytes()), expected, "{name:?}");
+        }
     }
 }
