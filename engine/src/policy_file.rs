@@ -20,7 +20,7 @@ pub fn compiled_policy_path(state_dir: &Path) -> PathBuf {
     state_dir.join(COMPILED_POLICY_FILE)
 }
 
-/// How [`load_policy`] got the policy.
+/// The way [`load_policy`] got the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyOrigin {
     /// Loaded from a mapping of the compiled file.
@@ -29,7 +29,7 @@ pub enum PolicyOrigin {
     Compiled,
 }
 
-/// Why the compiled file could not be used.
+/// The reason the compiled file could not be used.
 enum Unusable {
     Missing,
     /// The file is valid, but compiled from another config or by another
@@ -57,6 +57,7 @@ pub fn load_policy(
     compiled_path: &Path,
 ) -> Result<(Policy, PolicyOrigin), String> {
     let started = Instant::now();
+    remove_stale_temporary_files(compiled_path);
     let digest = policy_digest(config);
     let reason = match open_matching(compiled_path, &digest) {
         Ok(policy) => {
@@ -83,8 +84,6 @@ pub fn load_policy(
     };
 
     let policy = Policy::compile(config).map_err(|error| error.to_string())?;
-    // NOTE: a crash during the write leaves `.policy.compiled.tmp-<pid>`
-    // in the state directory, and nothing removes it later.
     match policy.write_compiled(compiled_path, digest) {
         Ok(()) => tracing::info!(
             rules = policy.rule_count(),
@@ -101,6 +100,55 @@ pub fn load_policy(
         ),
     }
     Ok((policy, PolicyOrigin::Compiled))
+}
+
+/// Removes the temporary files that a write of `compiled_path` left
+/// behind when its process died, so that crashes during a write do not
+/// pile up copies of the file. A write names its temporary file
+/// `.<name>.tmp-<pid>`. A file whose process still runs, such as a
+/// `caduceus policy compile` writing at this moment, is kept. So is one
+/// whose process id was reused since, until that process ends.
+fn remove_stale_temporary_files(compiled_path: &Path) {
+    let Some(name) = compiled_path.file_name().and_then(|name| name.to_str()) else {
+        return;
+    };
+    let directory = compiled_path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // Without /proc no writer would look alive, so leave every file.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|file_name| file_name.strip_prefix(&prefix))
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|byte| byte.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "policy: removed a temporary compiled file whose writer is gone"
+            ),
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "policy: removing a temporary compiled file whose writer is gone failed"
+            ),
+        }
+    }
 }
 
 /// Maps `path` and loads the policy in it if its source digest is `digest`.
@@ -185,6 +233,27 @@ mod tests {
             assert_eq!(policy.rule_count(), 1);
             assert_eq!(std::fs::read(&path).unwrap(), bytes);
         }
+    }
+
+    #[test]
+    fn stale_temporary_file_removed() {
+        // A write that died leaves `.policy.compiled.tmp-<pid>`. Process id
+        // 4294967295 is above any pid_max, so no process has it, while
+        // process 1 always runs.
+        let directory = tempfile::tempdir().unwrap();
+        let path = compiled_policy_path(directory.path());
+        let stale = directory.path().join(".policy.compiled.tmp-4294967295");
+        let live = directory.path().join(".policy.compiled.tmp-1");
+        let other = directory.path().join(".other.tmp-4294967295");
+        for file in [&stale, &live, &other] {
+            std::fs::write(file, b"partial").unwrap();
+        }
+
+        load_policy(&config(CONFIG), &path).unwrap();
+        assert!(!stale.exists());
+        assert!(live.exists());
+        assert!(other.exists());
+        assert!(path.is_file());
     }
 
     #[test]
