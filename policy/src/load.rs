@@ -47,18 +47,47 @@ pub(crate) fn parse_config_for_cpus(
                 key_at(document.as_item(), &span)
             })
             .unwrap_or_default();
-        // serde names Rust types; the message names what the file should contain.
-        let mut message = error.message().trim_end().to_string();
+        // The TOML parser's syntax messages span several lines, and one
+        // error must stay one log line.
+        let mut message = error
+            .message()
+            .trim_end()
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        // serde names Rust types, so name what the file should contain.
+        // The range is given because a value too large for the type gets
+        // the same message as a negative one.
         for (rust, plain) in [
-            ("expected usize", "expected a whole number, 0 or more"),
-            ("expected u64", "expected a whole number, 0 or more"),
-            ("expected u32", "expected a whole number, 0 or more"),
+            (
+                "expected usize",
+                "expected a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "expected u64",
+                "expected a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "expected u32",
+                "expected a whole number from 0 to 4294967295",
+            ),
             ("expected u16", "expected a whole number from 0 to 65535"),
             ("expected f64", "expected a number"),
         ] {
             message = message.replace(rust, plain);
         }
-        if !key.is_empty() {
+        // std's IpAddr parser names neither the value nor the expected form.
+        if message == "invalid IP address syntax" {
+            let value = error.span().and_then(|span| text.get(span)).unwrap_or("");
+            message = format!(
+                "{value} is not an IP address; write one such as \"192.0.2.10\" or \"2001:db8::10\""
+            );
+        }
+        if key.is_empty() {
+            message.push_str("; correct the TOML syntax at this line and column");
+        } else {
             message.push_str("; see this key in docs/policy.md for its type and unit");
         }
         ConfigError::invalid(origin, location, key, message)
