@@ -109,6 +109,53 @@ fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
 }
 
 #[test]
+fn quoted_local_part_cannot_skip_suppression() {
+    // "pat" and pat name one mailbox. A hard bounce recorded for
+    // pat@patients.test let RCPT TO:<"pat"@patients.test> through.
+    let state = state_dir();
+    let engine =
+        Engine::start(&engine_config(None), &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "pat@patients.test",
+            "--reason",
+            "hard-bounce",
+            "--config",
+        ],
+        &config_file,
+    );
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "\"lee\"@patients.test",
+            "--reason",
+            "complaint",
+            "--config",
+        ],
+        &config_file,
+    );
+
+    let mut client = connect(engine.socket(Lane::Transactional));
+    client.command("EHLO ehr.test").expect("EHLO");
+    assert_eq!(
+        client
+            .command("MAIL FROM:<reminders@clinic.test>")
+            .expect("MAIL")
+            .code,
+        250
+    );
+    assert_eq!(rcpt_code(&mut client, "pat@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "\"pat\"@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "\"p\\at\"@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "lee@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "\"pat \"@patients.test"), 250);
+}
+
+#[test]
 fn no_such_user_bounce_suppresses_the_address() {
     let listen = listen_addr(82);
     let _postfix = Postfix::start(PostfixOptions {
