@@ -242,7 +242,15 @@ impl ControlPlane {
             return match reload_policy(self.config_path.as_deref(), &self.policy) {
                 Ok(rules) => {
                     tracing::info!(rules, operator_uid = uid, "policy: reloaded");
-                    json!({"ok": true, "rules": rules})
+                    // The absolute path, so that the CLI can tell whether
+                    // the engine read the file the operator named.
+                    let config = self.config_path.as_deref().map(|path| {
+                        std::fs::canonicalize(path)
+                            .unwrap_or_else(|_| path.to_path_buf())
+                            .display()
+                            .to_string()
+                    });
+                    json!({"ok": true, "rules": rules, "config": config})
                 }
                 Err(error) => {
                     tracing::error!(%error, "policy: reload rejected; the previous policy stays in force");

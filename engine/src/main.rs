@@ -161,7 +161,7 @@ enum ListAction {
     /// Show whether an address has consent and which suppressions it has.
     Check { address: String },
     /// Add every address of a CSV file (`address[,reason]`, one per line).
-    /// The engine reads the file, so its user must be able to.
+    /// The engine reads the file, so its user must be able to read it.
     Import {
         file: PathBuf,
         /// Reason for lines without one (suppressions only).
@@ -219,8 +219,9 @@ enum PolicyAction {
     /// Recompile the config file's rules in the running engine; deliveries
     /// in flight finish under the old rules.
     Reload {
-        /// Configuration file (TOML), for the state directory and sockets;
-        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
+        /// Configuration file (TOML), only to find the control socket; the
+        /// engine rereads the file it was started with. Without it, the
+        /// built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -712,10 +713,39 @@ fn policy(action: PolicyAction) -> Result<(), String> {
             }
             Ok(())
         }
-        PolicyAction::Reload { config } => {
-            let config = read_config(config.as_deref())?;
+        PolicyAction::Reload {
+            config: config_path,
+        } => {
+            // The engine recompiles the file it was started with; the file
+            // given here only locates the control socket.
+            let config = read_config(config_path.as_deref()).map_err(|error| {
+                format!("{error}; the engine was not asked to reload, so its current policy stays in force")
+            })?;
             let response = control_request(&config, &json!({"command": "policy.reload"}))?;
-            println!("policy reloaded ({} rules)", response["rules"]);
+            let rules = &response["rules"];
+            // An engine built before the reply named its file sends no
+            // `config`, and one running on built-in defaults sends null.
+            let engine_file = match response.get("config") {
+                None => {
+                    println!("policy reloaded ({rules} rules)");
+                    return Ok(());
+                }
+                Some(serde_json::Value::String(path)) => path,
+                Some(_) => {
+                    println!("policy reloaded from the built-in defaults ({rules} rules)");
+                    return Ok(());
+                }
+            };
+            println!("policy reloaded from {engine_file} ({rules} rules)");
+            if let Some(given) = config_path {
+                let given = given.canonicalize().unwrap_or(given);
+                if given != Path::new(engine_file) {
+                    eprintln!(
+                        "warning: the engine reloaded {engine_file}, not {}; copy your changes into {engine_file} and reload again",
+                        given.display()
+                    );
+                }
+            }
             Ok(())
         }
         PolicyAction::Compile { config, out } => {

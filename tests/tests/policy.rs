@@ -156,6 +156,50 @@ fn quoted_local_part_cannot_skip_suppression() {
 }
 
 #[test]
+fn reload_reports_the_file_the_engine_reads() {
+    // `policy reload --config OTHER` checked OTHER but the engine reloaded
+    // its own file and printed "policy reloaded", so an operator who edited
+    // a copy believed its rules were in force.
+    let state = state_dir();
+    let engine =
+        Engine::start(&engine_config(None), &state.path().join("engine")).expect("engine start");
+    let engine_file = config_path(&engine);
+    let copy = state.path().join("edited-copy.toml");
+    let text = std::fs::read_to_string(&engine_file).expect("config");
+    std::fs::write(
+        &copy,
+        format!("{text}\n[[rule]]\ndomain = \"edited.test\"\nhold = true\n"),
+    )
+    .expect("write copy");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["policy", "reload", "--config"])
+        .arg(&copy)
+        .output()
+        .expect("run reload");
+
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let engine_file = engine_file.canonicalize().expect("canonical path");
+    assert!(
+        stdout.contains(&engine_file.display().to_string()),
+        "{stdout}"
+    );
+    assert!(stderr.contains("warning"), "{stderr}");
+    assert!(stderr.contains(&copy.display().to_string()), "{stderr}");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["policy", "reload", "--config"])
+        .arg(&engine_file)
+        .output()
+        .expect("run reload");
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
 fn no_such_user_bounce_suppresses_the_address() {
     let listen = listen_addr(82);
     let _postfix = Postfix::start(PostfixOptions {
