@@ -737,12 +737,12 @@ fn policy(action: PolicyAction) -> Result<(), String> {
                 }
             };
             println!("policy reloaded from {engine_file} ({rules} rules)");
-            if let Some(given) = config_path {
-                let given = given.canonicalize().unwrap_or(given);
-                if given != Path::new(engine_file) {
+            if let Some(requested_file) = config_path {
+                let requested_file = requested_file.canonicalize().unwrap_or(requested_file);
+                if requested_file != Path::new(engine_file) {
                     eprintln!(
                         "warning: the engine reloaded {engine_file}, not {}; copy your changes into {engine_file} and reload again",
-                        given.display()
+                        requested_file.display()
                     );
                 }
             }

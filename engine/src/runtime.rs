@@ -319,8 +319,8 @@ pub fn start_with_config_file(
 /// engine is dropped or the process exits.
 ///
 /// A draining engine has closed its lane sockets but still owns its spool
-/// and lists for up to 30 s, so a socket that does not answer cannot tell a
-/// second start that the state directory is free.
+/// and lists for up to 30 s, so a socket that accepts no connection does
+/// not prove to a second start that the state directory is free.
 fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, String> {
     use std::fs::{OpenOptions, TryLockError};
     use std::os::unix::fs::OpenOptionsExt;
@@ -332,6 +332,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, String> {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .open(&path)
         .or_else(|_| std::fs::File::open(&path))

@@ -273,8 +273,8 @@ fn serve_refuses_a_state_dir_in_use() {
         .expect("engine start");
     // A draining engine has closed its lane sockets but still owns its
     // spool and lists for up to 30 s. A second `serve` found no socket
-    // answering, took the state directory over and ran beside it. Removing
-    // the socket files gives a second start the same view.
+    // accepting connections, took the state directory over and ran beside
+    // it. Removing the socket files gives a second start the same view.
     for lane in [Lane::Transactional, Lane::Bulk] {
         std::fs::remove_file(engine.socket(lane)).expect("remove socket");
     }
