@@ -351,19 +351,7 @@ impl ControlPlane {
         let op = match action {
             "add" => ChangeOp::Add,
             "remove" => ChangeOp::Remove,
-            "check" => {
-                let lists = self.lists.snapshot();
-                let suppressed: Vec<&str> = Reason::ALL
-                    .into_iter()
-                    .filter(|reason| lists.contains(&hmac, Entry::Suppression(*reason)))
-                    .map(Reason::as_str)
-                    .collect();
-                return Some(json!({
-                    "ok": true,
-                    "consent": lists.contains(&hmac, Entry::Consent),
-                    "suppressed": suppressed,
-                }));
-            }
+            "check" => return Some(self.list_status(&hmac)),
             other => {
                 return Some(
                     json!({"ok": false, "error": format!("unknown action {other:?}: expected add, remove, check or import")}),
@@ -376,11 +364,29 @@ impl ControlPlane {
             hmac,
             time_unix_ms: now_us() / 1000,
         };
+        // The reply carries the address's entries after the change,
+        // because `suppress remove` removes one reason and keeps the others.
         Some(match self.lists.apply(&[change]) {
-            Ok(()) => json!({"ok": true}),
+            Ok(()) => self.list_status(&hmac),
             Err(error) => {
                 json!({"ok": false, "error": format!("the change could not be journalled: {error}")})
             }
+        })
+    }
+
+    /// Returns whether the address with this HMAC has consent and which
+    /// suppression reasons it has, as the reply to a list command.
+    fn list_status(&self, hmac: &[u8; 32]) -> Value {
+        let lists = self.lists.snapshot();
+        let suppressed: Vec<&str> = Reason::ALL
+            .into_iter()
+            .filter(|reason| lists.contains(hmac, Entry::Suppression(*reason)))
+            .map(Reason::as_str)
+            .collect();
+        json!({
+            "ok": true,
+            "consent": lists.contains(hmac, Entry::Consent),
+            "suppressed": suppressed,
         })
     }
 

@@ -152,9 +152,12 @@ enum ListAction {
         #[arg(long, default_value = "opt-out")]
         reason: String,
     },
-    /// Remove an address.
+    /// Remove an address, or for suppressions one of its reasons. Prints
+    /// the entries the address still has.
     Remove {
         address: String,
+        /// For suppressions: the reason to remove (opt-out, hard-bounce or
+        /// complaint); the address keeps its other reasons.
         #[arg(long, default_value = "opt-out")]
         reason: String,
     },

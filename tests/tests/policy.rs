@@ -156,6 +156,56 @@ fn quoted_local_part_cannot_skip_suppression() {
 }
 
 #[test]
+fn suppress_remove_shows_remaining_reasons() {
+    // `suppress remove` takes --reason, default opt-out. Removing an
+    // address that had only a hard bounce returned {"ok":true}, so the
+    // operator believed it was released while RCPT still got 550.
+    let state = state_dir();
+    let engine =
+        Engine::start(&engine_config(None), &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "pat@patients.test",
+            "--reason",
+            "hard-bounce",
+            "--config",
+        ],
+        &config_file,
+    );
+
+    let removed = caduceus(
+        &["suppress", "remove", "pat@patients.test", "--config"],
+        &config_file,
+    );
+
+    let reply: serde_json::Value = serde_json::from_str(&removed).expect("JSON reply");
+    assert_eq!(reply["ok"], true, "{removed}");
+    assert_eq!(
+        reply["suppressed"],
+        serde_json::json!(["hard-bounce"]),
+        "{removed}"
+    );
+    assert_eq!(reply["consent"], false, "{removed}");
+
+    let removed = caduceus(
+        &[
+            "suppress",
+            "remove",
+            "pat@patients.test",
+            "--reason",
+            "hard-bounce",
+            "--config",
+        ],
+        &config_file,
+    );
+    let reply: serde_json::Value = serde_json::from_str(&removed).expect("JSON reply");
+    assert_eq!(reply["suppressed"], serde_json::json!([]), "{removed}");
+}
+
+#[test]
 fn reload_reports_the_file_the_engine_reads() {
     // `policy reload --config OTHER` checked OTHER but the engine reloaded
     // its own file and printed "policy reloaded", so an operator who edited
