@@ -700,7 +700,8 @@ fn print_cores(config_path: Option<&Path>) -> Result<(), String> {
 fn policy(action: PolicyAction) -> Result<(), String> {
     match action {
         PolicyAction::Check { file } => {
-            let config = load_config(&file).map_err(|error| error.to_string())?;
+            let config = caduceus_policy::load_config_for_any_machine(&file)
+                .map_err(|error| error.to_string())?;
             let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
             println!("{}: valid ({} rules)", file.display(), config.rules.len());
             drop(policy);

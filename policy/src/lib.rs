@@ -30,6 +30,6 @@ pub use compiled_file::CompiledPolicyError;
 pub use domain::{DomainError, normalise_domain};
 pub use error::{ConfigError, Location};
 pub use lists::{Lists, Verdict};
-pub use load::{load_config, parse_config};
+pub use load::{load_config, load_config_for_any_machine, parse_config};
 pub use site_key::{SiteKey, SiteKeyError};
 pub use vocabulary::{Category, Lane, TlsMode};

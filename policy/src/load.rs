@@ -10,11 +10,22 @@ use crate::validate::{Issue, KeyPart, KeyPath, check_config};
 /// Reads, parses and validates the config file at `path`. Relative paths in
 /// it are resolved against the file's directory.
 pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    load_config_checked(path, Some(&online_cpus()))
+}
+
+/// Reads a config file as [`load_config`] does, but does not compare lane
+/// cores with the CPUs online here, because the file may be meant for
+/// another machine. `policy check` reports that comparison as a warning.
+pub fn load_config_for_any_machine(path: &Path) -> Result<Config, ConfigError> {
+    load_config_checked(path, None)
+}
+
+fn load_config_checked(path: &Path, online_cpus: Option<&[usize]>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut config = parse_config(&text, &path.display().to_string())?;
+    let mut config = parse_config_checked(&text, &path.display().to_string(), online_cpus)?;
     if let Some(directory) = path.parent() {
         config.resolve_relative_paths(directory);
     }
@@ -33,6 +44,16 @@ pub(crate) fn parse_config_for_cpus(
     text: &str,
     origin: &str,
     online_cpus: &[usize],
+) -> Result<Config, ConfigError> {
+    parse_config_checked(text, origin, Some(online_cpus))
+}
+
+/// Parses and validates config text, checking lane cores against
+/// `online_cpus` when it is given.
+fn parse_config_checked(
+    text: &str,
+    origin: &str,
+    online_cpus: Option<&[usize]>,
 ) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|error| {
         let location = error
@@ -92,7 +113,7 @@ pub(crate) fn parse_config_for_cpus(
         }
         ConfigError::invalid(origin, location, key, message)
     })?;
-    if let Err(issues) = check_config(&config, Some(online_cpus)) {
+    if let Err(issues) = check_config(&config, online_cpus) {
         return Err(first_issue_in_file_order(text, origin, issues));
     }
     Ok(config)

@@ -312,3 +312,19 @@ fn serve_refuses_a_state_dir_in_use() {
         "{stderr}"
     );
 }
+
+#[test]
+fn policy_check_warns_about_missing_cpus() {
+    // The README promises a warning when the CPU allocation does not fit
+    // this machine, so that a profile for a larger production host can be
+    // checked on a small one. A CPU that is not online was an error.
+    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/64-cores.toml");
+    let (success, stdout, stderr) = run(&["policy", "check", profile]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+    let online = std::thread::available_parallelism().map_or(1, usize::from);
+    if online < 64 {
+        assert!(stderr.contains("warning: on this machine"), "{stderr}");
+        assert!(stderr.contains("CPU"), "{stderr}");
+    }
+}
