@@ -451,6 +451,8 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
                         row["pending"].as_u64().unwrap_or(0),
                         if row["held"].as_bool() == Some(true) {
                             "yes"
+                        } else if row["policy_hold"].as_bool() == Some(true) {
+                            "policy"
                         } else {
                             "no"
                         },

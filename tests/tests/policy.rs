@@ -206,6 +206,48 @@ fn suppress_remove_shows_remaining_reasons() {
 }
 
 #[test]
+fn queue_list_shows_policy_holds() {
+    // Mail that a rule's `hold`, or a lane that a reload barred, keeps
+    // queued was listed with HELD "no", although nothing was delivered.
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"held.test\"\nhold = true\n\n[[rule]]\ndomain = \"barred.test\"\nroute = \"127.0.0.1:9\"\n",
+        engine_config(None)
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    for domain in ["held.test", "barred.test"] {
+        let acked = common::inject_parallel(engine.socket(Lane::Bulk), domain, 0..1, 1);
+        assert_eq!(acked.len(), 1, "{domain}");
+    }
+    let text = std::fs::read_to_string(&config_file).expect("config");
+    std::fs::write(
+        &config_file,
+        text.replace(
+            "domain = \"barred.test\"\n",
+            "domain = \"barred.test\"\nlanes = [\"transactional\"]\n",
+        ),
+    )
+    .expect("write config");
+    caduceus(&["policy", "reload", "--config"], &config_file);
+
+    let listing = caduceus(&["queue", "list", "--config"], &config_file);
+
+    let held_column = |domain: &str| -> String {
+        let line = listing
+            .lines()
+            .find(|line| line.starts_with(domain))
+            .unwrap_or_else(|| panic!("{domain} missing from:\n{listing}"));
+        line.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(held_column("held.test"), "policy", "{listing}");
+    assert_eq!(held_column("barred.test"), "policy", "{listing}");
+}
+
+#[test]
 fn reload_reports_the_file_the_engine_reads() {
     // `policy reload --config OTHER` checked OTHER but the engine reloaded
     // its own file and printed "policy reloaded", so an operator who edited
