@@ -244,7 +244,15 @@ impl ControlPlane {
             return match reload_policy(self.config_path.as_deref(), &self.policy) {
                 Ok(rules) => {
                     tracing::info!(rules, operator_uid = uid, "policy: reloaded");
-                    json!({"ok": true, "rules": rules})
+                    // The absolute path, so that the CLI can tell whether
+                    // the engine read the file the operator named.
+                    let config = self.config_path.as_deref().map(|path| {
+                        std::fs::canonicalize(path)
+                            .unwrap_or_else(|_| path.to_path_buf())
+                            .display()
+                            .to_string()
+                    });
+                    json!({"ok": true, "rules": rules, "config": config})
                 }
                 Err(error) => {
                     tracing::error!(%error, "policy: reload rejected; the previous policy stays in force");
@@ -345,19 +353,7 @@ impl ControlPlane {
         let op = match action {
             "add" => ChangeOp::Add,
             "remove" => ChangeOp::Remove,
-            "check" => {
-                let lists = self.lists.snapshot();
-                let suppressed: Vec<&str> = Reason::ALL
-                    .into_iter()
-                    .filter(|reason| lists.contains(&hmac, Entry::Suppression(*reason)))
-                    .map(Reason::as_str)
-                    .collect();
-                return Some(json!({
-                    "ok": true,
-                    "consent": lists.contains(&hmac, Entry::Consent),
-                    "suppressed": suppressed,
-                }));
-            }
+            "check" => return Some(self.list_status(&hmac)),
             other => {
                 return Some(
                     json!({"ok": false, "error": format!("unknown action {other:?}: expected add, remove, check or import")}),
@@ -370,11 +366,29 @@ impl ControlPlane {
             hmac,
             time_unix_ms: now_us() / 1000,
         };
+        // The reply carries the address's entries after the change,
+        // because `suppress remove` removes one reason and keeps the others.
         Some(match self.lists.apply(&[change]) {
-            Ok(()) => json!({"ok": true}),
+            Ok(()) => self.list_status(&hmac),
             Err(error) => {
                 json!({"ok": false, "error": format!("the change could not be journalled: {error}")})
             }
+        })
+    }
+
+    /// Returns whether the address with this HMAC has consent and which
+    /// suppression reasons it has, as the reply to a list command.
+    fn list_status(&self, hmac: &[u8; 32]) -> Value {
+        let lists = self.lists.snapshot();
+        let suppressed: Vec<&str> = Reason::ALL
+            .into_iter()
+            .filter(|reason| lists.contains(hmac, Entry::Suppression(*reason)))
+            .map(Reason::as_str)
+            .collect();
+        json!({
+            "ok": true,
+            "consent": lists.contains(hmac, Entry::Consent),
+            "suppressed": suppressed,
         })
     }
 

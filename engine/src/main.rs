@@ -152,16 +152,19 @@ enum ListAction {
         #[arg(long, default_value = "opt-out")]
         reason: String,
     },
-    /// Remove an address.
+    /// Remove an address, or for suppressions one of its reasons. Prints
+    /// the entries the address still has.
     Remove {
         address: String,
+        /// For suppressions: the reason to remove (opt-out, hard-bounce or
+        /// complaint); the address keeps its other reasons.
         #[arg(long, default_value = "opt-out")]
         reason: String,
     },
     /// Show whether an address has consent and which suppressions it has.
     Check { address: String },
     /// Add every address of a CSV file (`address[,reason]`, one per line).
-    /// The engine reads the file, so its user must be able to.
+    /// The engine reads the file, so its user must be able to read it.
     Import {
         file: PathBuf,
         /// Reason for lines without one (suppressions only).
@@ -219,8 +222,9 @@ enum PolicyAction {
     /// Recompile the config file's rules in the running engine; deliveries
     /// in flight finish under the old rules.
     Reload {
-        /// Configuration file (TOML), for the state directory and sockets;
-        /// without it, the built-in defaults apply (`/var/lib/caduceus`).
+        /// Configuration file (TOML), only to find the control socket; the
+        /// engine rereads the file it was started with. Without it, the
+        /// built-in defaults apply (`/var/lib/caduceus`).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -448,6 +452,8 @@ fn queue(action: QueueAction, config_path: Option<&Path>) -> Result<(), String> 
                         row["pending"].as_u64().unwrap_or(0),
                         if row["held"].as_bool() == Some(true) {
                             "yes"
+                        } else if row["policy_hold"].as_bool() == Some(true) {
+                            "policy"
                         } else {
                             "no"
                         },
@@ -697,7 +703,8 @@ fn print_cores(config_path: Option<&Path>) -> Result<(), String> {
 fn policy(action: PolicyAction) -> Result<(), String> {
     match action {
         PolicyAction::Check { file } => {
-            let config = load_config(&file).map_err(|error| error.to_string())?;
+            let config = caduceus_policy::load_config_for_any_machine(&file)
+                .map_err(|error| error.to_string())?;
             let policy = Policy::compile(&config).map_err(|error| error.to_string())?;
             println!("{}: valid ({} rules)", file.display(), config.rules.len());
             drop(policy);
@@ -713,10 +720,39 @@ fn policy(action: PolicyAction) -> Result<(), String> {
             }
             Ok(())
         }
-        PolicyAction::Reload { config } => {
-            let config = read_config(config.as_deref())?;
+        PolicyAction::Reload {
+            config: config_path,
+        } => {
+            // The engine recompiles the file it was started with; the file
+            // given here only locates the control socket.
+            let config = read_config(config_path.as_deref()).map_err(|error| {
+                format!("{error}; the engine was not asked to reload, so its current policy stays in force")
+            })?;
             let response = control_request(&config, &json!({"command": "policy.reload"}))?;
-            println!("policy reloaded ({} rules)", response["rules"]);
+            let rules = &response["rules"];
+            // An engine built before the reply named its file sends no
+            // `config`, and one running on built-in defaults sends null.
+            let engine_file = match response.get("config") {
+                None => {
+                    println!("policy reloaded ({rules} rules)");
+                    return Ok(());
+                }
+                Some(serde_json::Value::String(path)) => path,
+                Some(_) => {
+                    println!("policy reloaded from the built-in defaults ({rules} rules)");
+                    return Ok(());
+                }
+            };
+            println!("policy reloaded from {engine_file} ({rules} rules)");
+            if let Some(requested_file) = config_path {
+                let requested_file = requested_file.canonicalize().unwrap_or(requested_file);
+                if requested_file != Path::new(engine_file) {
+                    eprintln!(
+                        "warning: the engine reloaded {engine_file}, not {}; copy your changes into {engine_file} and reload again",
+                        requested_file.display()
+                    );
+                }
+            }
             Ok(())
         }
         PolicyAction::Compile { config, out } => {

@@ -40,6 +40,9 @@ pub struct Engine {
     webhooks: Vec<JoinHandle<()>>,
     pub policy: Arc<PolicyCell>,
     pub allocation: Vec<ExecutorSpec>,
+    /// The open lock file of the state directory; dropping the engine
+    /// releases the lock (see [`lock_state_dir`]).
+    _state_lock: std::fs::File,
 }
 
 /// Starts every executor and returns once each has recovered its spool and
@@ -75,6 +78,7 @@ pub fn start_with_config_file(
             )
         })?;
     }
+    let state_lock = lock_state_dir(&config.state_dir)?;
     restrict_mode(&config.state_dir.join("keys"), 0o700)?;
     restrict_mode(&config.spool_dir(), 0o700)?;
 
@@ -312,7 +316,41 @@ pub fn start_with_config_file(
         webhooks,
         policy,
         allocation,
+        _state_lock: state_lock,
     })
+}
+
+/// Takes an exclusive lock on `<state_dir>/engine.lock`, held until the
+/// engine is dropped or the process exits.
+///
+/// A draining engine has closed its lane sockets but still owns its spool
+/// and lists for up to 30 s, so a socket that accepts no connection does
+/// not prove to a second start that the state directory is free.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, String> {
+    use std::fs::{OpenOptions, TryLockError};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let path = state_dir.join("engine.lock");
+    // A lock file left by a start as root may be read-only to this user,
+    // and a lock needs no write access.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .or_else(|_| std::fs::File::open(&path))
+        .map_err(|error| format!("cannot open the lock file {}: {error}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(format!(
+            "the state directory {} is in use by another caduceus process, which holds {}; stop that engine and wait until it exits (a drain takes up to 30 s), then start again",
+            state_dir.display(),
+            path.display()
+        )),
+        Err(TryLockError::Error(error)) => Err(format!("cannot lock {}: {error}", path.display())),
+    }
 }
 
 impl Engine {

@@ -385,10 +385,23 @@ impl Policy {
         Rule::full(&self.defaults[lane as usize])
     }
 
-    /// Returns the category forced on mail from `sender_domain` (a lowercase
-    /// A-label), if a rule with `sender_category` matches it.
+    /// Returns the category forced on mail from `sender_domain`, if a rule
+    /// with `sender_category` matches it. The domain may be a U-label or
+    /// contain capitals: the SMTP sender is kept as given, and a sender
+    /// with SMTPUTF8 may use a U-label. A domain that is not valid matches
+    /// no rule.
     pub fn sender_category(&self, sender_domain: &str) -> Option<Category> {
-        let rule_index = self.sender_rule(sender_domain)?;
+        let normalised;
+        let domain = if sender_domain
+            .bytes()
+            .all(|byte| byte.is_ascii() && !byte.is_ascii_uppercase())
+        {
+            sender_domain
+        } else {
+            normalised = normalise_domain(sender_domain).ok()?;
+            normalised.as_str()
+        };
+        let rule_index = self.sender_rule(domain)?;
         self.sources[rule_index as usize].config.sender_category
     }
 

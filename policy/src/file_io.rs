@@ -15,7 +15,8 @@ pub(crate) struct FileIoError {
 
 /// Writes `bytes` to a temporary file beside `path` with mode 0600, syncs
 /// it and renames it over `path`, then syncs the directory so that the
-/// rename is durable too.
+/// rename is durable too. A `path` that exists and is not a regular file is
+/// an error, and nothing is written.
 ///
 /// A reader that mapped or opened the old file keeps its bytes, because the
 /// rename replaces the directory entry and never changes the old file.
@@ -37,6 +38,21 @@ pub(crate) fn write_atomically_with(
             source,
         }
     };
+    // rename(2) replaces any directory entry, so without this check a
+    // compiled policy written to `/dev/full` replaced the device node.
+    // A symbolic link to a regular file is still replaced by the new file.
+    if let Ok(existing) = fs::metadata(path)
+        && !existing.is_file()
+    {
+        return Err(FileIoError {
+            operation: "replace",
+            path: path.to_path_buf(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is not a regular file (a directory, device, socket or pipe), so it was left in place; give the path of a regular file",
+            ),
+        });
+    }
     let file_name = path
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
@@ -72,4 +88,57 @@ pub(crate) fn write_atomically_with(
     File::open(directory)
         .and_then(|handle| handle.sync_all())
         .map_err(failed("sync directory", directory))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn write_keeps_socket_in_place() {
+        // `policy compile --out /dev/full` renamed the compiled file over
+        // the device node. A socket is a special file that a test can make.
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("control.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+
+        let error = write_atomically(&path, b"compiled").unwrap_err();
+
+        assert_eq!(error.operation, "replace");
+        assert_eq!(error.path, path);
+        assert!(
+            error.source.to_string().contains("not a regular file"),
+            "{}",
+            error.source
+        );
+        let kind = fs::symlink_metadata(&path).unwrap().file_type();
+        assert!(!kind.is_file(), "the socket was replaced by a file");
+        let names: Vec<_> = fs::read_dir(directory.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "a temporary file was left: {names:?}");
+    }
+
+    #[test]
+    fn write_rejects_directory() {
+        let directory = tempfile::tempdir().unwrap();
+
+        let error = write_atomically(directory.path(), b"compiled").unwrap_err();
+
+        assert_eq!(error.operation, "replace");
+        assert!(fs::metadata(directory.path()).unwrap().is_dir());
+    }
+
+    #[test]
+    fn write_replaces_regular_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("policy.bin");
+        fs::write(&path, b"old").unwrap();
+
+        write_atomically(&path, b"new").unwrap();
+
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+    }
 }

@@ -34,6 +34,6 @@ pub use digest::policy_digest;
 pub use domain::{DomainError, normalise_domain};
 pub use error::{ConfigError, Location};
 pub use lists::{Lists, Verdict};
-pub use load::{load_config, parse_config};
+pub use load::{load_config, load_config_for_any_machine, parse_config};
 pub use site_key::{SiteKey, SiteKeyError};
 pub use vocabulary::{Category, Lane, TlsMode};

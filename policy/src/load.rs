@@ -10,11 +10,22 @@ use crate::validate::{Issue, KeyPart, KeyPath, check_config};
 /// Reads, parses and validates the config file at `path`. Relative paths in
 /// it are resolved against the file's directory.
 pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    load_config_checked(path, Some(&online_cpus()))
+}
+
+/// Reads a config file as [`load_config`] does, but does not compare lane
+/// cores with the CPUs online here, because the file may be meant for
+/// another machine. `policy check` reports that comparison as a warning.
+pub fn load_config_for_any_machine(path: &Path) -> Result<Config, ConfigError> {
+    load_config_checked(path, None)
+}
+
+fn load_config_checked(path: &Path, online_cpus: Option<&[usize]>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut config = parse_config(&text, &path.display().to_string())?;
+    let mut config = parse_config_checked(&text, &path.display().to_string(), online_cpus)?;
     if let Some(directory) = path.parent() {
         config.resolve_relative_paths(directory);
     }
@@ -34,6 +45,16 @@ pub(crate) fn parse_config_for_cpus(
     origin: &str,
     online_cpus: &[usize],
 ) -> Result<Config, ConfigError> {
+    parse_config_checked(text, origin, Some(online_cpus))
+}
+
+/// Parses and validates config text, checking lane cores against
+/// `online_cpus` when it is given.
+fn parse_config_checked(
+    text: &str,
+    origin: &str,
+    online_cpus: Option<&[usize]>,
+) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|error| {
         let location = error
             .span()
@@ -47,23 +68,52 @@ pub(crate) fn parse_config_for_cpus(
                 key_at(document.as_item(), &span)
             })
             .unwrap_or_default();
-        // serde names Rust types; the message names what the file should contain.
-        let mut message = error.message().trim_end().to_string();
+        // The TOML parser's syntax messages span several lines, and one
+        // error must stay one log line.
+        let mut message = error
+            .message()
+            .trim_end()
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        // serde names Rust types, so name what the file should contain.
+        // The range is given because a value too large for the type gets
+        // the same message as a negative one.
         for (rust, plain) in [
-            ("expected usize", "expected a whole number, 0 or more"),
-            ("expected u64", "expected a whole number, 0 or more"),
-            ("expected u32", "expected a whole number, 0 or more"),
+            (
+                "expected usize",
+                "expected a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "expected u64",
+                "expected a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "expected u32",
+                "expected a whole number from 0 to 4294967295",
+            ),
             ("expected u16", "expected a whole number from 0 to 65535"),
             ("expected f64", "expected a number"),
         ] {
             message = message.replace(rust, plain);
         }
-        if !key.is_empty() {
+        // std's IpAddr parser names neither the value nor the expected form.
+        if message == "invalid IP address syntax" {
+            let value = error.span().and_then(|span| text.get(span)).unwrap_or("");
+            message = format!(
+                "{value} is not an IP address; write one such as \"192.0.2.10\" or \"2001:db8::10\""
+            );
+        }
+        if key.is_empty() {
+            message.push_str("; correct the TOML syntax at this line and column");
+        } else {
             message.push_str("; see this key in docs/policy.md for its type and unit");
         }
         ConfigError::invalid(origin, location, key, message)
     })?;
-    if let Err(issues) = check_config(&config, Some(online_cpus)) {
+    if let Err(issues) = check_config(&config, online_cpus) {
         return Err(first_issue_in_file_order(text, origin, issues));
     }
     Ok(config)

@@ -516,3 +516,42 @@ fn rule_source_addresses_for_allowed_lane() {
     );
     parse_config(&text, "caduceus.toml").unwrap();
 }
+
+#[test]
+fn syntax_error_is_one_line() {
+    // The TOML parser's message spans several lines, and in the engine's
+    // log the second line became a record of its own.
+    let error = error_for("[[rule]\ndomain = \"x.example\"\n");
+    let message = error.to_string();
+    assert!(!message.contains('\n'), "{message:?}");
+    assert!(message.starts_with("caduceus.toml:1:7: "), "{message}");
+    assert!(message.contains("invalid table header"), "{message}");
+    assert!(message.contains("expected `.`, `]]`"), "{message}");
+    assert!(message.contains("correct the TOML syntax"), "{message}");
+}
+
+#[test]
+fn invalid_source_address_names_value() {
+    assert_error(
+        "[lanes.bulk]\nsource_addresses = [\"127.0.0.2\", \"127.0.0.300\"]\n",
+        2,
+        34,
+        &["\"127.0.0.300\"", "IP address", "192.0.2.10"],
+    );
+    assert_error(
+        "[lanes.bulk]\nsource_addresses = [\"127.0.0.2\"]\n\n[[rule]]\ndomain = \"a.example\"\nlanes = [\"bulk\"]\nsource_addresses = [\"localhost\"]\n",
+        7,
+        21,
+        &["\"localhost\"", "IP address"],
+    );
+}
+
+#[test]
+fn out_of_range_integer_names_range() {
+    assert_error(
+        "[[rule]]\ndomain = \"a.example\"\nmax_connections = 99999999999\n",
+        3,
+        19,
+        &["99999999999", "0 to 4294967295"],
+    );
+}

@@ -498,3 +498,31 @@ fn explain_lane_barred_rule() {
         "{text}"
     );
 }
+
+#[test]
+fn sender_category_for_u_label_sender() {
+    // A sender such as x@news.bücher.example, accepted with SMTPUTF8,
+    // reached the lookup as a lowercase U-label and matched no rule, so
+    // mail that a rule forces to care was checked as marketing at RCPT.
+    let policy = Policy::compile(
+        &parse_config(
+            "[[rule]]\ndomain = \"*.bücher.example\"\nsender_category = \"care\"\n",
+            "caduceus.toml",
+        )
+        .expect("config"),
+    )
+    .expect("compile");
+    for sender_domain in [
+        "news.bücher.example",
+        "news.xn--bcher-kva.example",
+        "NEWS.BÜCHER.example",
+    ] {
+        assert_eq!(
+            policy.sender_category(sender_domain),
+            Some(Category::Care),
+            "{sender_domain}"
+        );
+    }
+    assert_eq!(policy.sender_category("bücher.example"), None);
+    assert_eq!(policy.sender_category("news.b\u{fc}cher..example"), None);
+}

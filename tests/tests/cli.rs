@@ -261,3 +261,70 @@ fn policy_check_warns_about_this_machine() {
         "{stderr}"
     );
 }
+
+#[test]
+fn serve_refuses_a_state_dir_in_use() {
+    use caduceus_tests::{Engine, Lane};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let state = state_dir();
+    let engine = Engine::start(&common::engine_config(None), &state.path().join("engine"))
+        .expect("engine start");
+    // A draining engine has closed its lane sockets but still owns its
+    // spool and lists for up to 30 s. A second `serve` found no socket
+    // accepting connections, took the state directory over and ran beside
+    // it. Removing the socket files gives a second start the same view.
+    for lane in [Lane::Transactional, Lane::Bulk] {
+        std::fs::remove_file(engine.socket(lane)).expect("remove socket");
+    }
+    let mut second = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(engine.state_dir().join("caduceus.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn second engine");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let Some(status) = status else {
+        second.kill().expect("kill second engine");
+        second.wait().expect("reap second engine");
+        panic!("a second engine started on the state directory of a running one");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another caduceus process"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&engine.state_dir().display().to_string()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn policy_check_warns_about_missing_cpus() {
+    // The README promises a warning when the CPU allocation does not fit
+    // this machine, so that a profile for a larger production host can be
+    // checked on a small one. A CPU that is not online was an error.
+    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/../tuning/64-cores.toml");
+    let (success, stdout, stderr) = run(&["policy", "check", profile]);
+    assert!(success, "{stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+    let online = std::thread::available_parallelism().map_or(1, usize::from);
+    if online < 64 {
+        assert!(stderr.contains("warning: on this machine"), "{stderr}");
+        assert!(stderr.contains("CPU"), "{stderr}");
+    }
+}

@@ -110,6 +110,189 @@ fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
 }
 
 #[test]
+fn quoted_local_part_cannot_skip_suppression() {
+    // "pat" and pat name one mailbox. A hard bounce recorded for
+    // pat@patients.test let RCPT TO:<"pat"@patients.test> through.
+    let state = state_dir();
+    let engine =
+        Engine::start(&engine_config(None), &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "pat@patients.test",
+            "--reason",
+            "hard-bounce",
+            "--config",
+        ],
+        &config_file,
+    );
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "\"lee\"@patients.test",
+            "--reason",
+            "complaint",
+            "--config",
+        ],
+        &config_file,
+    );
+
+    let mut client = connect(engine.socket(Lane::Transactional));
+    client.command("EHLO ehr.test").expect("EHLO");
+    assert_eq!(
+        client
+            .command("MAIL FROM:<reminders@clinic.test>")
+            .expect("MAIL")
+            .code,
+        250
+    );
+    assert_eq!(rcpt_code(&mut client, "pat@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "\"pat\"@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "\"p\\at\"@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "lee@patients.test"), 550);
+    assert_eq!(rcpt_code(&mut client, "\"pat \"@patients.test"), 250);
+}
+
+#[test]
+fn suppress_remove_shows_remaining_reasons() {
+    // `suppress remove` takes --reason, default opt-out. Removing an
+    // address that had only a hard bounce returned {"ok":true}, so the
+    // operator believed it was released while RCPT still got 550.
+    let state = state_dir();
+    let engine =
+        Engine::start(&engine_config(None), &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    caduceus(
+        &[
+            "suppress",
+            "add",
+            "pat@patients.test",
+            "--reason",
+            "hard-bounce",
+            "--config",
+        ],
+        &config_file,
+    );
+
+    let removed = caduceus(
+        &["suppress", "remove", "pat@patients.test", "--config"],
+        &config_file,
+    );
+
+    let reply: serde_json::Value = serde_json::from_str(&removed).expect("JSON reply");
+    assert_eq!(reply["ok"], true, "{removed}");
+    assert_eq!(
+        reply["suppressed"],
+        serde_json::json!(["hard-bounce"]),
+        "{removed}"
+    );
+    assert_eq!(reply["consent"], false, "{removed}");
+
+    let removed = caduceus(
+        &[
+            "suppress",
+            "remove",
+            "pat@patients.test",
+            "--reason",
+            "hard-bounce",
+            "--config",
+        ],
+        &config_file,
+    );
+    let reply: serde_json::Value = serde_json::from_str(&removed).expect("JSON reply");
+    assert_eq!(reply["suppressed"], serde_json::json!([]), "{removed}");
+}
+
+#[test]
+fn queue_list_shows_policy_holds() {
+    // Mail that a rule's `hold`, or a lane that a reload barred, keeps
+    // queued was listed with HELD "no", although nothing was delivered.
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"held.test\"\nhold = true\n\n[[rule]]\ndomain = \"barred.test\"\nroute = \"127.0.0.1:9\"\n",
+        engine_config(None)
+    );
+    let engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let config_file = config_path(&engine);
+    for domain in ["held.test", "barred.test"] {
+        let acked = common::inject_parallel(engine.socket(Lane::Bulk), domain, 0..1, 1);
+        assert_eq!(acked.len(), 1, "{domain}");
+    }
+    let text = std::fs::read_to_string(&config_file).expect("config");
+    std::fs::write(
+        &config_file,
+        text.replace(
+            "domain = \"barred.test\"\n",
+            "domain = \"barred.test\"\nlanes = [\"transactional\"]\n",
+        ),
+    )
+    .expect("write config");
+    caduceus(&["policy", "reload", "--config"], &config_file);
+
+    let listing = caduceus(&["queue", "list", "--config"], &config_file);
+
+    let held_column = |domain: &str| -> String {
+        let line = listing
+            .lines()
+            .find(|line| line.starts_with(domain))
+            .unwrap_or_else(|| panic!("{domain} missing from:\n{listing}"));
+        line.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(held_column("held.test"), "policy", "{listing}");
+    assert_eq!(held_column("barred.test"), "policy", "{listing}");
+}
+
+#[test]
+fn reload_reports_the_file_the_engine_reads() {
+    // `policy reload --config OTHER` checked OTHER but the engine reloaded
+    // its own file and printed "policy reloaded", so an operator who edited
+    // a copy believed its rules were in force.
+    let state = state_dir();
+    let engine =
+        Engine::start(&engine_config(None), &state.path().join("engine")).expect("engine start");
+    let engine_file = config_path(&engine);
+    let copy = state.path().join("edited-copy.toml");
+    let text = std::fs::read_to_string(&engine_file).expect("config");
+    std::fs::write(
+        &copy,
+        format!("{text}\n[[rule]]\ndomain = \"edited.test\"\nhold = true\n"),
+    )
+    .expect("write copy");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["policy", "reload", "--config"])
+        .arg(&copy)
+        .output()
+        .expect("run reload");
+
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let engine_file = engine_file.canonicalize().expect("canonical path");
+    assert!(
+        stdout.contains(&engine_file.display().to_string()),
+        "{stdout}"
+    );
+    assert!(stderr.contains("warning"), "{stderr}");
+    assert!(stderr.contains(&copy.display().to_string()), "{stderr}");
+
+    let output = std::process::Command::new(common::binary())
+        .args(["policy", "reload", "--config"])
+        .arg(&engine_file)
+        .output()
+        .expect("run reload");
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
+#[test]
 fn no_such_user_bounce_suppresses_the_address() {
     let listen = listen_addr(82);
     let _postfix = Postfix::start(PostfixOptions {

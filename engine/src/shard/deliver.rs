@@ -943,7 +943,7 @@ fn record_results(
             }
             Attempt::Transient(reply) => {
                 let delay = retry_delay(&rule.retry_schedule, attempt_number);
-                let next = now.saturating_add(delay.as_micros() as u64);
+                let next = next_attempt_at(now, delay);
                 if next >= expires_at {
                     failed.push((*index, reply.clone(), attempt_number, true));
                     (
@@ -1186,6 +1186,13 @@ fn log_attempt(
     shard.log.write(&entry);
     crate::audit::record_outcome(&entry);
     crate::metrics::record_event(&entry);
+}
+
+/// Returns the time, in microseconds since the epoch, that lies `delay`
+/// after `now_us`, or `u64::MAX` when that is out of range.
+fn next_attempt_at(now_us: u64, delay: Duration) -> u64 {
+    let delay_us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+    now_us.saturating_add(delay_us)
 }
 
 /// The delay before attempt `attempt_number + 1`: the schedule's entry for
@@ -1588,4 +1595,24 @@ fn log_deleted(shard: &Shard, id: &str, envelope: &Envelope, index: u32) {
     shard.log.write(&entry);
     crate::audit::record_outcome(&entry);
     crate::metrics::record_event(&entry);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_attempt_saturates_for_huge_delay() {
+        // A retry_schedule entry near the largest duration the config
+        // accepts (u64::MAX microseconds), plus up to 20% jitter, has more
+        // microseconds than a u64 can store. `as u64` wrapped the value
+        // around, to an arbitrary and much earlier retry time.
+        let now = 1_000_000;
+        let schedule = [Duration::from_micros(u64::MAX)];
+        for _ in 0..20 {
+            let delay = retry_delay(&schedule, 1);
+            assert_eq!(next_attempt_at(now, delay), u64::MAX, "{delay:?}");
+        }
+        assert_eq!(next_attempt_at(now, Duration::from_secs(1)), 2_000_000);
+    }
 }

@@ -488,10 +488,22 @@ fn handle_control(shard: &Rc<Shard>, request: ControlRequest) {
     let response = match &request.command {
         ControlCommand::QueueList => {
             let rows = shard.queue.borrow().summary();
+            let policy = shard.current_policy();
             let destinations: Vec<serde_json::Value> = rows
                 .into_iter()
-                .map(|(domain, pending, held)| {
-                    serde_json::json!({"destination": domain, "pending": pending, "held": held})
+                .map(|row| {
+                    // Mail that the policy keeps queued (a rule's `hold`, or
+                    // a lane that a reload barred) waits like held mail.
+                    let policy_hold = row.lanes.iter().any(|lane| {
+                        let rule = policy.for_domain(&row.domain, *lane);
+                        rule.hold || !rule.lane_allowed
+                    });
+                    serde_json::json!({
+                        "destination": row.domain,
+                        "pending": row.pending,
+                        "held": row.held,
+                        "policy_hold": policy_hold,
+                    })
                 })
                 .collect();
             serde_json::json!({"core": shard.index, "destinations": destinations})

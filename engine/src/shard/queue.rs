@@ -9,12 +9,23 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
+use caduceus_policy::Lane;
 use caduceus_spool::{Envelope, RecipientState, RecordRef};
 
 use super::throttle::{Backoff, TokenBucket};
 use crate::outbound::Connection;
 
 /// A message with at least one recipient that is not final.
+/// One row of `queue.list`.
+pub struct DestinationSummary {
+    pub domain: String,
+    pub pending: usize,
+    /// Held by the operator with `queue.hold`.
+    pub held: bool,
+    /// The lanes of the pending recipients.
+    pub lanes: Vec<Lane>,
+}
+
 pub struct QueuedMessage {
     pub envelope: Rc<Envelope>,
     pub states: Vec<RecipientState>,
@@ -330,27 +341,36 @@ impl Queue {
             .map(|Reverse(deferral)| deferral.due_us)
     }
 
-    /// Pending recipients per destination: (domain, pending, held).
-    pub fn summary(&self) -> Vec<(String, usize, bool)> {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
+    /// Pending recipients per destination, sorted by domain.
+    pub fn summary(&self) -> Vec<DestinationSummary> {
+        let mut counts: HashMap<&str, (usize, Vec<Lane>)> = HashMap::new();
         for message in self.messages.values() {
             for (index, recipient) in message.envelope.recipients.iter().enumerate() {
                 if matches!(message.states[index], RecipientState::Pending { .. }) {
-                    *counts.entry(recipient.domain.as_str()).or_default() += 1;
+                    let (pending, lanes) = counts.entry(recipient.domain.as_str()).or_default();
+                    *pending += 1;
+                    if !lanes.contains(&message.envelope.lane) {
+                        lanes.push(message.envelope.lane);
+                    }
                 }
             }
         }
-        let mut rows: Vec<(String, usize, bool)> = counts
+        let mut rows: Vec<DestinationSummary> = counts
             .into_iter()
-            .map(|(domain, pending)| {
+            .map(|(domain, (pending, lanes))| {
                 let held = self
                     .destinations
                     .get(domain)
                     .is_some_and(|destination| destination.held);
-                (domain.to_string(), pending, held)
+                DestinationSummary {
+                    domain: domain.to_string(),
+                    pending,
+                    held,
+                    lanes,
+                }
             })
             .collect();
-        rows.sort();
+        rows.sort_by(|left, right| left.domain.cmp(&right.domain));
         rows
     }
 }

@@ -6,6 +6,11 @@ use std::time::{Duration, Instant};
 
 use crate::smtp::Reply;
 
+/// The maximum wait that `TokenBucket::take` returns. Callers wait and
+/// then take again, so a longer wait is split into several. Without the
+/// cap, a rate such as 1e-300 gives a wait that no `Duration` can store.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
 /// A token bucket: `rate_per_sec` tokens per second, holding at most
 /// `burst` (and at least one) tokens.
 ///
@@ -48,7 +53,8 @@ impl TokenBucket {
         self.updated = now;
     }
 
-    /// Takes one token, or returns how long until one is available.
+    /// Takes one token, or returns how long until one is available, at
+    /// most `MAX_WAIT`.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);
         if self.tokens >= 1.0 {
@@ -59,7 +65,8 @@ impl TokenBucket {
             return Err(Duration::from_secs(1));
         }
         let missing = 1.0 - self.tokens;
-        Err(Duration::from_secs_f64(missing / self.rate_per_sec))
+        let wait = Duration::try_from_secs_f64(missing / self.rate_per_sec).unwrap_or(MAX_WAIT);
+        Err(wait.min(MAX_WAIT))
     }
 }
 
@@ -184,6 +191,21 @@ mod tests {
         let wait = bucket.take(start).unwrap_err();
         assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
         assert!(bucket.take(start + Duration::from_millis(100)).is_ok());
+    }
+
+    #[test]
+    fn bucket_wait_for_tiny_rate_is_capped() {
+        // rate = 1e-300 passes `policy check` (it is finite and above
+        // zero). The wait for its second token is 1e300 seconds, which no
+        // Duration can store, and the executor thread panicked on it.
+        let start = Instant::now();
+        for rate in [1e-300, f64::MIN_POSITIVE, 1e-19, 1e-9] {
+            let mut bucket = TokenBucket::new(rate, 1, start);
+            assert!(bucket.take(start).is_ok());
+            let wait = bucket.take(start).unwrap_err();
+            assert_eq!(wait, MAX_WAIT, "rate {rate}");
+            assert!(start.checked_add(wait).is_some(), "rate {rate}");
+        }
     }
 
     #[test]
