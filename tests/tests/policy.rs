@@ -903,3 +903,71 @@ fn start_and_reload_time_with_100k_rules() {
         println!("  {line}");
     }
 }
+
+#[test]
+fn rate_wait_ends_on_reload_and_on_drain() {
+    // rate = 0.001 gives one token, then one more every 1,000 s. The
+    // second message waits for it until a reload removes the rate.
+    let receiver =
+        ScriptedReceiver::start(common::any_port(97), Script::default()).expect("receiver start");
+    let state = state_dir();
+    let config = format!(
+        "{}\n[[rule]]\ndomain = \"slow.test\"\nroute = \"{}\"\nrate = 0.001\n",
+        engine_config(None),
+        receiver.addr()
+    );
+    let mut engine = Engine::start(&config, &state.path().join("engine")).expect("engine start");
+    let acked = Mutex::new(Vec::new());
+    inject(
+        engine.socket(Lane::Transactional),
+        "slow.test",
+        vec![1, 2],
+        &acked,
+        &AtomicBool::new(false),
+    );
+    assert_eq!(acked.lock().expect("acked").len(), 2);
+    receiver.wait_for(1, WAIT).expect("the first message");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(receiver.received().len(), 1, "the second message waits");
+
+    let config_file = config_path(&engine);
+    let text = std::fs::read_to_string(&config_file).expect("config");
+    std::fs::write(&config_file, text.replace("rate = 0.001\n", "")).expect("write config");
+    caduceus(&["policy", "reload", "--config"], &config_file);
+    receiver
+        .wait_for(2, Duration::from_secs(10))
+        .expect("the second message once the reload removed the rate");
+
+    // With the rate back, the destination's bucket is still empty, so a
+    // third message waits again, and SIGTERM ends that wait at once
+    // instead of after the 30 s drain limit.
+    std::fs::write(&config_file, &text).expect("write config");
+    caduceus(&["policy", "reload", "--config"], &config_file);
+    let acked = Mutex::new(Vec::new());
+    inject(
+        engine.socket(Lane::Transactional),
+        "slow.test",
+        vec![3],
+        &acked,
+        &AtomicBool::new(false),
+    );
+    assert_eq!(acked.lock().expect("acked").len(), 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(receiver.received().len(), 2, "the third message waits");
+    let started = std::time::Instant::now();
+    engine.sigterm().expect("SIGTERM");
+    let status = engine
+        .wait_exit(Duration::from_secs(25))
+        .expect("the engine exits before the 30 s drain limit");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "drain took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        receiver.received().len(),
+        2,
+        "the third message stays queued"
+    );
+}

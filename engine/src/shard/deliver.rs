@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caduceus_policy::lists::{self, Change, ChangeOp, Reason};
@@ -139,7 +140,14 @@ async fn worker(shard: Rc<Shard>, domain: Rc<str>) {
             expire(&shard, &item, &envelope, &attempts, rule.settings());
             continue;
         }
-        pace(&shard, &domain, rule, site).await;
+        if pace(&shard, &policy, &domain, rule, site).await == Paced::Interrupted {
+            // A new worker paces the item again under the policy now in
+            // force, unless the engine is draining.
+            if let Some(destination) = shard.queue.borrow_mut().destinations.get_mut(&domain) {
+                destination.ready.push_front(item);
+            }
+            break;
+        }
         let stored = match read_stored(&shard, &item) {
             Ok(stored) => stored,
             Err(error) => {
@@ -228,16 +236,37 @@ async fn rule_for<'p>(
 /// Waits for the destination's token bucket when its rule sets a rate, or
 /// for the bucket of its MX site (`site`, an `mx` rule's id). The bucket's
 /// rate is the rule's rate scaled by the destination's backoff factor.
-async fn pace(shard: &Shard, domain: &str, rule: Rule<'_>, site: Option<u32>) {
+/// How a wait in [`pace`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Paced {
+    /// A token was taken, so the delivery may go ahead.
+    Ready,
+    /// The engine began to drain, or a reload replaced `policy`, whose
+    /// rule set the rate. The item has not been delivered.
+    Interrupted,
+}
+
+/// The longest a pacing wait sleeps before it checks for a drain or a
+/// reload. A rule's rate can make one token take minutes, and neither a
+/// corrected rate nor SIGTERM should wait for it.
+const PACE_RECHECK: Duration = Duration::from_secs(1);
+
+async fn pace(
+    shard: &Shard,
+    policy: &Arc<Policy>,
+    domain: &str,
+    rule: Rule<'_>,
+    site: Option<u32>,
+) -> Paced {
     let Some(rate) = rule.rate_per_sec else {
-        return;
+        return Paced::Ready;
     };
     loop {
         let wait = {
             let mut queue = shard.queue.borrow_mut();
             let queue = &mut *queue;
             let Some(destination) = queue.destinations.get_mut(domain) else {
-                return;
+                return Paced::Ready;
             };
             let now = Instant::now();
             let effective = rate * destination.backoff.factor();
@@ -256,8 +285,11 @@ async fn pace(shard: &Shard, domain: &str, rule: Rule<'_>, site: Option<u32>) {
             bucket.take(now)
         };
         match wait {
-            Ok(()) => return,
-            Err(duration) => glommio::timer::sleep(duration).await,
+            Ok(()) => return Paced::Ready,
+            Err(duration) => glommio::timer::sleep(duration.min(PACE_RECHECK)).await,
+        }
+        if shard.draining.get() || !Arc::ptr_eq(policy, &shard.current_policy()) {
+            return Paced::Interrupted;
         }
     }
 }
