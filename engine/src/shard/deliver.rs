@@ -236,7 +236,7 @@ async fn rule_for<'p>(
 /// Waits for the destination's token bucket when its rule sets a rate, or
 /// for the bucket of its MX site (`site`, an `mx` rule's id). The bucket's
 /// rate is the rule's rate scaled by the destination's backoff factor.
-/// How a wait in [`pace`] ended.
+/// The outcome of a wait in [`pace`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Paced {
     /// A token was taken, so the delivery may go ahead.
@@ -246,8 +246,8 @@ enum Paced {
     Interrupted,
 }
 
-/// The longest a pacing wait sleeps before it checks for a drain or a
-/// reload. A rule's rate can make one token take minutes, and neither a
+/// The maximum time a pacing wait sleeps before it checks for a drain or
+/// a reload. A rule's rate can make one token take minutes, and neither a
 /// corrected rate nor SIGTERM should wait for it.
 const PACE_RECHECK: Duration = Duration::from_secs(1);
 
