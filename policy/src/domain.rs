@@ -137,6 +137,13 @@ impl DomainPattern {
             domain: text.to_string(),
             reason: error.reason,
         })?;
+        let last_label = name.rsplit('.').next().unwrap_or(&name);
+        if last_label.bytes().all(|byte| byte.is_ascii_digit()) {
+            return Err(DomainError {
+                domain: text.to_string(),
+                reason: "ends in an all-numeric label, as an IP address does, but no domain or MX host name does, so the rule would match nothing; to send to a fixed address, set route = \"IP:PORT\" on a rule for the domain".to_string(),
+            });
+        }
         Ok(DomainPattern { name, wildcard })
     }
 }

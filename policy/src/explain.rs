@@ -34,7 +34,14 @@ impl Policy {
     }
 
     fn write_explanation(&self, text: &mut String, domain: &str, lane: Lane) -> std::fmt::Result {
-        writeln!(text, "domain: {domain} (lowercase A-label)")?;
+        if domain.starts_with('[') {
+            writeln!(
+                text,
+                "domain: {domain} (an address literal, which no domain rule matches)"
+            )?;
+        } else {
+            writeln!(text, "domain: {domain} (lowercase A-label)")?;
+        }
         writeln!(text, "lane: {}", lane.as_str())?;
         let rule = self.for_domain(domain, lane);
         if rule.rule_id == DEFAULT_RULE_ID {

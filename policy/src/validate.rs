@@ -240,6 +240,15 @@ fn check_lane(lane: Lane, lane_config: &LaneConfig, issues: &mut Vec<Issue>) {
             "must be at least 1 connection; remove the key for no limit",
         );
     }
+    for (index, address) in lane_config.source_addresses.iter().enumerate() {
+        if lane_config.source_addresses[..index].contains(address) {
+            issue(
+                issues,
+                path.key("source_addresses").index(index),
+                format!("lists {address} twice; remove one"),
+            );
+        }
+    }
     let source_limits =
         lane_config.source_rate.is_some() || lane_config.source_max_connections.is_some();
     if source_limits && lane_config.source_addresses.is_empty() {

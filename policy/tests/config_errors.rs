@@ -555,3 +555,23 @@ fn out_of_range_integer_names_range() {
         &["99999999999", "0 to 4294967295"],
     );
 }
+
+#[test]
+fn rule_domain_is_ip_address() {
+    assert_error(
+        "[[rule]]\ndomain = \"127.0.0.1\"\n",
+        2,
+        10,
+        &["127.0.0.1", "all-numeric label", "route = \"IP:PORT\""],
+    );
+}
+
+#[test]
+fn lane_source_address_twice() {
+    assert_error(
+        "[lanes.bulk]\nsource_addresses = [\"192.0.2.20\", \"192.0.2.20\"]\n",
+        2,
+        35,
+        &["192.0.2.20", "twice"],
+    );
+}

@@ -526,3 +526,19 @@ fn sender_category_for_u_label_sender() {
     assert_eq!(policy.sender_category("bücher.example"), None);
     assert_eq!(policy.sender_category("news.b\u{fc}cher..example"), None);
 }
+
+#[test]
+fn explain_address_literal() {
+    let policy = policy();
+    let text = policy
+        .explain("postmaster@[127.0.0.1]", Lane::Bulk)
+        .expect("explained");
+    assert!(
+        text.contains("[127.0.0.1] (an address literal, which no domain rule matches)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no domain rule, so the defaults apply"),
+        "{text}"
+    );
+}
