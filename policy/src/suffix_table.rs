@@ -827,6 +827,28 @@ mod tests {
         z ^ (z >> 31)
     }
 
+    /// Returns `count` different patterns, each a name from `random_name`
+    /// that is exact or, at random, a wildcard.
+    fn random_patterns(
+        state: &mut u64,
+        count: usize,
+        mut random_name: impl FnMut(&mut u64) -> String,
+    ) -> Vec<String> {
+        let mut patterns: Vec<String> = Vec::new();
+        while patterns.len() < count {
+            let name = random_name(state);
+            let pattern = if next_random(state).is_multiple_of(2) {
+                format!("*.{name}")
+            } else {
+                name
+            };
+            if !patterns.contains(&pattern) {
+                patterns.push(pattern);
+            }
+        }
+        patterns
+    }
+
     fn table(patterns: &[&str]) -> SuffixTable {
         SuffixTable::build(patterns.iter().enumerate().map(|(index, pattern)| {
             let (wildcard, name) = match pattern.strip_prefix("*.") {
@@ -909,18 +931,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(".")
         };
-        let mut patterns: Vec<String> = Vec::new();
-        while patterns.len() < 200 {
-            let name = random_name(&mut state);
-            let pattern = if next_random(&mut state).is_multiple_of(2) {
-                format!("*.{name}")
-            } else {
-                name
-            };
-            if !patterns.contains(&pattern) {
-                patterns.push(pattern);
-            }
-        }
+        let patterns = random_patterns(&mut state, 200, random_name);
         let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let table = table(&patterns);
         for _ in 0..20_000 {
@@ -1366,18 +1377,7 @@ mod tests {
                 return name;
             }
         };
-        let mut patterns: Vec<String> = Vec::new();
-        while patterns.len() < 100 {
-            let name = random_name(&mut state, false);
-            let pattern = if next_random(&mut state).is_multiple_of(2) {
-                format!("*.{name}")
-            } else {
-                name
-            };
-            if !patterns.contains(&pattern) {
-                patterns.push(pattern);
-            }
-        }
+        let patterns = random_patterns(&mut state, 100, |state| random_name(state, false));
         let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
         let table = table(&patterns);
         for _ in 0..20_000 {
