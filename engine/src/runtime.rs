@@ -345,7 +345,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, String> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(format!(
-            "the state directory {} is in use by another caduceus process, which holds {}; stop that engine and wait until it exits (a drain takes up to 30 s), then start again",
+            "the state directory {} is in use by another caduceus process, which has locked {}. Stop that engine and wait until it exits (a drain takes up to 30 s), then start again",
             state_dir.display(),
             path.display()
         )),

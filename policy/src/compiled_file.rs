@@ -533,7 +533,7 @@ mod tests {
     fn changed_archive_byte_never_panics() {
         // Each byte of the archive in turn gets another value, with both
         // checksums recomputed, so rkyv's validation and the table checks
-        // alone must stop a bad file. A file that still loads must answer
+        // alone must stop a bad file. A file that still loads must serve
         // lookups without panicking.
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("policy.compiled");

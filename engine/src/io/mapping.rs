@@ -47,7 +47,7 @@ pub fn map_read_only(file: &File, directory: &Path) -> io::Result<Mmap> {
     // already rewrite the spool and the keys. An in-place write by one of
     // them changes bytes that the caller may have validated already, and
     // a truncation kills the engine with SIGBUS at its next read of a lost
-    // page. That is accepted, and docs/policy.md asks operators to replace
+    // page. That is accepted, and docs/policy.md tells operators to replace
     // the file by rename, as `caduceus policy compile` does.
     unsafe { Mmap::map(file) }
 }

@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use caduceus_policy::{Category, Lane, Verdict};
+use caduceus_policy::{Category, Lane, Policy, Verdict};
 use caduceus_spool::{AppendError, Envelope, MessageId, Recipient, RecipientState};
 
 use super::Shard;
@@ -64,12 +64,9 @@ impl Admission for ShardAdmission {
                 "Delivery queue for this destination is full, try again later",
             ));
         }
-        if !self
-            .shard
-            .current_policy()
-            .for_domain(&recipient.domain, lane)
-            .lane_allowed
-        {
+        // One policy snapshot serves both checks of this recipient.
+        let policy = self.shard.current_policy();
+        if !policy.for_domain(&recipient.domain, lane).lane_allowed {
             return Err(Reply::new(
                 550,
                 EnhancedStatus::new(5, 7, 1),
@@ -79,7 +76,7 @@ impl Admission for ShardAdmission {
                 ),
             ));
         }
-        let category = self.sender_category(sender).unwrap_or(category);
+        let category = sender_category(&policy, sender).unwrap_or(category);
         self.check_lists(category, &recipient.address)
     }
 
@@ -93,8 +90,7 @@ impl Admission for ShardAdmission {
         // under the latter two; a header that changes the category means
         // every recipient is checked again, and one refusal rejects the
         // message, because SMTP cannot refuse single recipients after DATA.
-        let checked_category = self
-            .sender_category(&submission.sender)
+        let checked_category = sender_category(&shard.current_policy(), &submission.sender)
             .unwrap_or(lane_config.default_category);
         if submission.category == lane_config.default_category {
             submission.category = checked_category;
@@ -201,13 +197,6 @@ impl Admission for ShardAdmission {
 }
 
 impl ShardAdmission {
-    /// Returns the category that policy sets for mail from the sender's domain.
-    fn sender_category(&self, sender: &str) -> Option<Category> {
-        let (_, domain) = sender.rsplit_once('@')?;
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        self.shard.current_policy().sender_category(&domain)
-    }
-
     /// Applies consent and suppression: marketing needs recorded opt-in
     /// and no suppression of any kind; care honours opt-outs, hard bounces
     /// and complaints; transactional honours hard bounces and complaints.
@@ -310,6 +299,14 @@ fn append_error_reply(core: u16, error: &AppendError) -> Reply {
             )
         }
     }
+}
+
+/// Returns the category that `policy` sets for mail from the sender's
+/// domain.
+fn sender_category(policy: &Policy, sender: &str) -> Option<Category> {
+    let (_, domain) = sender.rsplit_once('@')?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    policy.sender_category(&domain)
 }
 
 #[cfg(test)]
