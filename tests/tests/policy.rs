@@ -23,6 +23,18 @@ fn connect(socket: &std::path::Path) -> SmtpClient {
     client
 }
 
+/// Connects to a lane socket, sends EHLO and a MAIL FROM that must get
+/// 250, and returns the client ready for RCPT.
+fn start_transaction(socket: &std::path::Path, helo: &str, sender: &str) -> SmtpClient {
+    let mut client = connect(socket);
+    client.command(&format!("EHLO {helo}")).expect("EHLO");
+    let reply = client
+        .command(&format!("MAIL FROM:<{sender}>"))
+        .expect("MAIL");
+    assert_eq!(reply.code, 250, "{}", reply.text());
+    client
+}
+
 fn rcpt_code(client: &mut SmtpClient, address: &str) -> u16 {
     client
         .command(&format!("RCPT TO:<{address}>"))
@@ -59,14 +71,10 @@ fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
     );
 
     // The bulk socket's default category is marketing.
-    let mut client = connect(engine.socket(Lane::Bulk));
-    client.command("EHLO campaigns.test").expect("EHLO");
-    assert_eq!(
-        client
-            .command("MAIL FROM:<news@clinic.test>")
-            .expect("MAIL")
-            .code,
-        250
+    let mut client = start_transaction(
+        engine.socket(Lane::Bulk),
+        "campaigns.test",
+        "news@clinic.test",
     );
     assert_eq!(rcpt_code(&mut client, "no-consent@patients.test"), 550);
     assert_eq!(rcpt_code(&mut client, "opted-in@patients.test"), 250);
@@ -78,14 +86,10 @@ fn marketing_needs_consent_and_suppression_applies_to_both_lanes() {
     assert_eq!(client.read_reply().expect("final reply").code, 250);
 
     // Transactional mail needs no consent but honours the complaint.
-    let mut client = connect(engine.socket(Lane::Transactional));
-    client.command("EHLO ehr.test").expect("EHLO");
-    assert_eq!(
-        client
-            .command("MAIL FROM:<reminders@clinic.test>")
-            .expect("MAIL")
-            .code,
-        250
+    let mut client = start_transaction(
+        engine.socket(Lane::Transactional),
+        "ehr.test",
+        "reminders@clinic.test",
     );
     assert_eq!(rcpt_code(&mut client, "no-consent@patients.test"), 250);
     assert_eq!(rcpt_code(&mut client, "complained@patients.test"), 550);
@@ -140,14 +144,10 @@ fn quoted_local_part_cannot_skip_suppression() {
         &config_file,
     );
 
-    let mut client = connect(engine.socket(Lane::Transactional));
-    client.command("EHLO ehr.test").expect("EHLO");
-    assert_eq!(
-        client
-            .command("MAIL FROM:<reminders@clinic.test>")
-            .expect("MAIL")
-            .code,
-        250
+    let mut client = start_transaction(
+        engine.socket(Lane::Transactional),
+        "ehr.test",
+        "reminders@clinic.test",
     );
     assert_eq!(rcpt_code(&mut client, "pat@patients.test"), 550);
     assert_eq!(rcpt_code(&mut client, "\"pat\"@patients.test"), 550);
@@ -321,11 +321,11 @@ fn no_such_user_bounce_suppresses_the_address() {
         )
         .contains("hard-bounce")
     });
-    let mut client = connect(engine.socket(Lane::Transactional));
-    client.command("EHLO ehr.test").expect("EHLO");
-    client
-        .command("MAIL FROM:<reminders@clinic.test>")
-        .expect("MAIL");
+    let mut client = start_transaction(
+        engine.socket(Lane::Transactional),
+        "ehr.test",
+        "reminders@clinic.test",
+    );
     assert_eq!(rcpt_code(&mut client, "gone@example.test"), 550);
 }
 
