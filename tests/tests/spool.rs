@@ -198,6 +198,15 @@ fn is_slow(sequence: u32) -> bool {
     sequence % 101 == 100
 }
 
+/// Starts an engine on `config` in `state`, and returns it with the paths
+/// of its config file and its spool key file.
+fn start_with_key_file(config: &str, state: &tempfile::TempDir) -> (Engine, PathBuf, PathBuf) {
+    let engine = Engine::start(config, &state.path().join("engine")).expect("engine start");
+    let config_path = engine.state_dir().join("caduceus.toml");
+    let key_file = engine.state_dir().join("keys/spool.key");
+    (engine, config_path, key_file)
+}
+
 /// `caduceus keys rotate` seals later messages with a new key while the
 /// earlier ones stay readable, across a restart, and the rotation is in
 /// the control audit stream.
@@ -206,13 +215,10 @@ fn key_rotation_keeps_old_records_readable() {
     let receiver =
         ScriptedReceiver::start(common::any_port(78), Script::default()).expect("receiver start");
     let state = state_dir();
-    let mut engine = Engine::start(
+    let (mut engine, config_path, key_file) = start_with_key_file(
         &config_with(8 * 1024 * 1024, &route("keys.test", &receiver)),
-        &state.path().join("engine"),
-    )
-    .expect("engine start");
-    let config_path = engine.state_dir().join("caduceus.toml");
-    let key_file = engine.state_dir().join("keys/spool.key");
+        &state,
+    );
     common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
 
     let acked = Mutex::new(Vec::new());
@@ -272,13 +278,8 @@ fn key_rotation_rejects_read_only_key_file() {
     use std::os::unix::fs::PermissionsExt;
 
     let state = state_dir();
-    let engine = Engine::start(
-        &config_with(8 * 1024 * 1024, ""),
-        &state.path().join("engine"),
-    )
-    .expect("engine start");
-    let config_path = engine.state_dir().join("caduceus.toml");
-    let key_file = engine.state_dir().join("keys/spool.key");
+    let (_engine, config_path, key_file) =
+        start_with_key_file(&config_with(8 * 1024 * 1024, ""), &state);
     let before = std::fs::read_to_string(&key_file).expect("key file");
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o400))
         .expect("chmod 0400");
@@ -316,13 +317,8 @@ fn key_rotation_rejects_read_only_key_file() {
 #[test]
 fn missing_key_file_with_sealed_spool_rejected() {
     let state = state_dir();
-    let mut engine = Engine::start(
-        &config_with(8 * 1024 * 1024, ""),
-        &state.path().join("engine"),
-    )
-    .expect("engine start");
-    let config_path = engine.state_dir().join("caduceus.toml");
-    let key_file = engine.state_dir().join("keys/spool.key");
+    let (mut engine, config_path, key_file) =
+        start_with_key_file(&config_with(8 * 1024 * 1024, ""), &state);
     common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
     let acked = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
@@ -385,9 +381,7 @@ fn encryption_on_keeps_plain_spool() {
     );
     assert!(plain.contains("encryption = false"), "{plain}");
     let state = state_dir();
-    let mut engine = Engine::start(&plain, &state.path().join("engine")).expect("engine start");
-    let config_path = engine.state_dir().join("caduceus.toml");
-    let key_file = engine.state_dir().join("keys/spool.key");
+    let (mut engine, config_path, key_file) = start_with_key_file(&plain, &state);
     common::caduceus(&["queue", "hold", "keys.test", "--config"], &config_path);
     let acked = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
