@@ -162,15 +162,20 @@ impl<'p> Rule<'p> {
         }
     }
 
+    /// Returns the view of `settings` read directly, as for the defaults,
+    /// which have no slot.
     fn full(settings: &'p EffectiveRule) -> Rule<'p> {
-        let mut rule = Rule::new(
-            settings.rule_id,
-            SlotSettings::of(std::slice::from_ref(settings)),
-            Lane::Transactional,
+        Rule {
+            rule_id: settings.rule_id,
+            tls: settings.tls,
+            rate_per_sec: settings.rate_per_sec,
+            burst: settings.burst,
+            max_connections: settings.max_connections,
+            max_messages_per_connection: settings.max_messages_per_connection,
+            hold: settings.hold,
+            lane_allowed: settings.lane_allowed,
             settings,
-        );
-        rule.lane_allowed = settings.lane_allowed;
-        rule
+        }
     }
 
     /// Returns every setting of the rule in this lane.
@@ -194,10 +199,10 @@ fn lane_bit(lane: Lane) -> u8 {
 }
 
 impl SlotSettings {
-    /// Returns the slot settings of a rule, given its settings in each lane
-    /// (`LaneRules`), or in one. The fields other than the lane mask are
-    /// the same in every lane, so the first lane's are taken.
-    fn of(lanes: &[EffectiveRule]) -> SlotSettings {
+    /// Returns the slot settings of a rule, given its settings in each lane.
+    /// The fields other than the lane mask are the same in every lane, so
+    /// the first lane's are taken.
+    fn of(lanes: &LaneRules) -> SlotSettings {
         let rule = &lanes[0];
         let barred_lanes = Lane::ALL
             .iter()
